@@ -1,0 +1,153 @@
+"""Where the config tree lives, and the start-up checks that catch config typos early.
+
+Two checks run before any work starts:
+
+* the top level of the composed config is merged into :class:`TrainSchema`, so an unknown
+  top-level key or a wrongly typed value fails at once;
+* every node with a ``_target_`` is checked against the signature of the class or function it
+  names, so ``model.n_layr=4`` fails with the list of valid keys instead of an hour later.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lmlab.errors import ConfigError
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def config_dir() -> str:
+    """The ``conf/`` tree: packaged inside a wheel, or at the repository root for a clone."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise ConfigError(f"lmlab's config tree was not found next to {here}; reinstall the package.")
+
+
+@dataclass
+class TrainSchema:
+    """The keys allowed at the top level of a training config."""
+
+    task_name: str = "train"
+    tags: list[str] = field(default_factory=list)
+    seed: int | None = 1337
+    train: bool = True
+    test: bool = True
+    compile: bool = False
+    ckpt_path: str | None = None
+    optimized_metric: str | None = None
+    print_config: bool = True
+    task: Any = None
+    data: Any = None
+    tokenizer: Any = None
+    model: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    trainer: Any = None
+    callbacks: Any = None
+    logger: Any = None
+    paths: Any = None
+    extras: Any = None
+
+
+def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
+    """Fail fast on unknown keys and bad values anywhere in ``cfg``."""
+    if schema is not None:
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"Invalid config: {err.msg}. Check the key's spelling and type.") from None
+    check_targets(cfg)
+
+
+def locate(path: str) -> Any:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError:
+        # Nested attribute such as ``pkg.module.Class.method``.
+        obj = locate(module_name)
+    try:
+        return getattr(obj, attr)
+    except AttributeError:
+        raise ImportError(path) from None
+
+
+def accepted_keys(target: Any) -> set[str] | None:
+    """Names the target accepts as keywords; ``None`` if it takes ``**kwargs``."""
+    fn = target.__init__ if inspect.isclass(target) else target
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL} - {"self"}
+
+
+def check_targets(node: Any, path: str = "") -> None:
+    """Check every ``_target_`` node below ``node`` against its target's signature."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_targets(item, f"{path}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    keys = [str(k) for k in node.keys()]
+    if "_target_" in keys:
+        target_name = node._get_node("_target_")._value()
+        try:
+            target = locate(str(target_name))
+        except ImportError:
+            raise ConfigError(
+                f"'{path}._target_' names '{target_name}', which cannot be imported. Check its spelling."
+            ) from None
+        accepted = accepted_keys(target)
+        if accepted is not None:
+            for key in keys:
+                if key in _HYDRA_KEYS or key in accepted:
+                    continue
+                close = difflib.get_close_matches(key, sorted(accepted), n=1)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(
+                    f"Unknown config key '{_join(path, key)}' for {target_name}.{hint} "
+                    f"Valid keys: {', '.join(sorted(accepted))}."
+                )
+    for key in keys:
+        if key in _HYDRA_KEYS:
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig | ListConfig):
+            check_targets(child, _join(path, key))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _sweep_group() -> str | None:
+    """Name shared by all runs of one Hydra multirun (the sweep folder), else ``None``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.sweep.dir).name
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("sweep_group"):
+        OmegaConf.register_new_resolver("sweep_group", _sweep_group)
+
+
+register_resolvers()

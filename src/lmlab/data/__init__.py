@@ -1,0 +1,1 @@
+"""Data loading, tokenizing, caching and batching for every task."""

@@ -1,0 +1,94 @@
+"""Reading user data files with errors that name the file and the fix.
+
+Shared by all tasks: plain text is read strictly as UTF-8; tables (json, jsonl, csv, parquet) are
+read with Hugging Face ``datasets`` after the same checks.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import DataError
+
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw", ".tokens"}
+TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def resolve_files(patterns: str | Sequence[str] | None, key: str) -> list[Path]:
+    """Expand paths and globs; every pattern must match at least one file."""
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    files: list[Path] = []
+    for pattern in patterns:
+        expanded = str(Path(pattern).expanduser())
+        matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise DataError(f"{key}: no file matches '{pattern}'. Check the path (relative paths are resolved "
+                            f"from the directory you launched from: {Path.cwd()}).")
+        files.extend(Path(m).resolve() for m in matches)
+    return files
+
+
+def file_signature(files: Sequence[Path]) -> list[list[Any]]:
+    """Path, size and modification time of each file: part of every cache key."""
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def read_text_file(path: Path) -> str:
+    """The whole file as text; an empty or non-UTF-8 file is an error."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"'{path}' is not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}). "
+            "Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
+        ) from None
+    if not text.strip():
+        raise DataError(f"'{path}' is empty. Remove it from the file list or give it some text.")
+    return text
+
+
+def read_column(files: Sequence[Path], column: str, key: str) -> list[str]:
+    """One text column from table files, or the whole text of plain-text files (one document each)."""
+    texts: list[str] = []
+    for path in files:
+        suffix = path.suffix.lower()
+        if suffix in TABLE_BUILDERS:
+            texts.extend(read_table(path, [column], key)[column])
+        else:
+            texts.append(read_text_file(path))
+    return texts
+
+
+def read_table(path: Path, columns: Sequence[str], key: str) -> dict[str, list[Any]]:
+    """Selected columns of one json/jsonl/csv/parquet file."""
+    import datasets
+
+    builder = TABLE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{key}: cannot read '{path}': use one of {', '.join(sorted(TABLE_BUILDERS))} or .txt.")
+    if path.stat().st_size == 0:
+        raise DataError(f"'{path}' is empty. Remove it from {key} or give it some rows.")
+    if builder != "parquet":
+        read_text_file(path)  # strict UTF-8 and emptiness checks with a clear message
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(builder, data_files=[str(path)], split="train")
+    except Exception as err:  # the builders raise many kinds of parse errors
+        raise DataError(f"Could not parse '{path}' as {builder}: {err}") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"Column '{missing[0]}' is not in '{path}' (columns: {', '.join(table.column_names)}). "
+            f"Set the column name in the data config (see {key})."
+        )
+    if len(table) == 0:
+        raise DataError(f"'{path}' has no rows.")
+    return {c: table[c] for c in columns}

@@ -1,0 +1,160 @@
+"""Where language-modeling text comes from: one string per split.
+
+Each source returns ``{"train": str, "validation": str, "test": str}`` and a ``fingerprint()``
+that goes into the data cache key. When a source has only training text, validation and test
+text are cut from its end by character fractions (the nanoGPT convention: first 90% train).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lmlab.data.files import file_signature, read_column, resolve_files
+from lmlab.errors import DataError
+
+SPLITS = ("train", "validation", "test")
+
+
+def carve_splits(text: str, val_fraction: float, test_fraction: float) -> dict[str, str]:
+    """Contiguous split of one text: train first, then validation, then test."""
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1."
+        )
+    n = len(text)
+    train_end = int(n * (1 - val_fraction - test_fraction))
+    val_end = int(n * (1 - test_fraction))
+    return {"train": text[:train_end], "validation": text[train_end:val_end], "test": text[val_end:]}
+
+
+class TextSource:
+    """Base class: subclasses implement :meth:`load` and :meth:`fingerprint`."""
+
+    def load(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class PydocTopics(TextSource):
+    """English prose of Python's reference documentation, shipped in the standard library.
+
+    About 465 kB of text that is on every Python installation: the default data set, so the
+    default experiment runs offline with nothing to download.
+    """
+
+    def __init__(self, val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+
+    def load(self) -> dict[str, str]:
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[name].strip() for name in sorted(topics))
+        return carve_splits(text, self.val_fraction, self.test_fraction)
+
+    def fingerprint(self) -> dict[str, Any]:
+        import sys
+
+        return {"source": "pydoc_topics", "python": sys.version_info[:2], "val": self.val_fraction,
+                "test": self.test_fraction}
+
+
+class HubText(TextSource):
+    """A Hugging Face hub data set with a text column (``datasets.load_dataset(path, name)``)."""
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        text_column: str = "text",
+        splits: dict[str, str] | None = None,
+        join_with: str = "\n",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        revision: str | None = None,
+    ) -> None:
+        self.path, self.name, self.text_column, self.join_with = path, name, text_column, join_with
+        self.splits = dict(splits or {s: s for s in SPLITS})
+        self.val_fraction, self.test_fraction, self.revision = val_fraction, test_fraction, revision
+
+    def load(self) -> dict[str, str]:
+        import datasets
+
+        try:
+            data = datasets.load_dataset(self.path, self.name, revision=self.revision)
+        except Exception as err:
+            raise DataError(
+                f"Could not load '{self.path}' from the Hugging Face hub ({type(err).__name__}: {err}). "
+                "Offline? Use data=text_files with data.source.train_files=<local files>."
+            ) from None
+        out: dict[str, str] = {}
+        for split, hub_split in self.splits.items():
+            if hub_split not in data:
+                continue
+            if self.text_column not in data[hub_split].column_names:
+                raise DataError(
+                    f"Column '{self.text_column}' is not in {self.path}[{hub_split}] "
+                    f"(columns: {', '.join(data[hub_split].column_names)}). Set data.source.text_column."
+                )
+            out[split] = self.join_with.join(data[hub_split][self.text_column])
+        return _fill_missing_splits(out, self.val_fraction, self.test_fraction, self.path)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"source": "hub", "path": self.path, "name": self.name, "column": self.text_column,
+                "splits": self.splits, "join": self.join_with, "val": self.val_fraction,
+                "test": self.test_fraction, "revision": self.revision}
+
+
+class TextFiles(TextSource):
+    """Local text/json/jsonl/csv/parquet files, given as paths or globs for each split."""
+
+    def __init__(
+        self,
+        train_files: str | Sequence[str],
+        val_files: str | Sequence[str] | None = None,
+        test_files: str | Sequence[str] | None = None,
+        text_column: str = "text",
+        join_with: str = "\n",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+    ) -> None:
+        if not train_files:
+            raise DataError("data.source.train_files is empty: give at least one training file or glob.")
+        self.files = {
+            "train": resolve_files(train_files, "data.source.train_files"),
+            "validation": resolve_files(val_files, "data.source.val_files"),
+            "test": resolve_files(test_files, "data.source.test_files"),
+        }
+        self.text_column, self.join_with = text_column, join_with
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+
+    def load(self) -> dict[str, str]:
+        out = {
+            split: self.join_with.join(read_column(files, self.text_column, f"data.source.{split}_files"))
+            for split, files in self.files.items()
+            if files
+        }
+        return _fill_missing_splits(out, self.val_fraction, self.test_fraction, "data.source.train_files")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"source": "files", "files": {s: file_signature(f) for s, f in self.files.items()},
+                "column": self.text_column, "join": self.join_with, "val": self.val_fraction,
+                "test": self.test_fraction}
+
+
+def _fill_missing_splits(out: dict[str, str], val_fraction: float, test_fraction: float, where: str) -> dict[str, str]:
+    """Cut validation/test text from the end of the training text when a source lacks them."""
+    if "train" not in out:
+        raise DataError(f"{where} has no training split.")
+    carve_val = "validation" not in out and val_fraction > 0
+    carve_test = "test" not in out and test_fraction > 0
+    if carve_val or carve_test:
+        parts = carve_splits(out["train"], val_fraction if carve_val else 0.0, test_fraction if carve_test else 0.0)
+        out["train"] = parts["train"]
+        if carve_val:
+            out["validation"] = parts["validation"]
+        if carve_test:
+            out["test"] = parts["test"]
+    return out

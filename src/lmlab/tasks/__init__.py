@@ -1,0 +1,1 @@
+"""LightningModules: training logic, metrics and generation for each task."""

@@ -1,0 +1,292 @@
+"""Tokenizers shared by every task: character, word, byte-level BPE and pretrained.
+
+A tokenizer is built once from the training split (see the ``conf/tokenizer`` group), cached with
+the tokenized data, and saved inside every checkpoint as a JSON-able ``state()`` so evaluation and
+generation need nothing but the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFBackend
+
+from lmlab.errors import TokenizerError
+
+_ENCODE_CHUNK_LINES = 2048
+
+
+class Tokenizer(ABC):
+    """Maps text to token ids and back."""
+
+    kind: str
+    eos_id: int | None = None
+    pad_id: int | None = None
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abstractmethod
+    def encode(self, text: str, strict: bool = False) -> list[int]:
+        """Token ids of ``text``. With ``strict``, text the vocabulary cannot represent is an error."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """A JSON-able description from which :func:`tokenizer_from_state` rebuilds this tokenizer."""
+
+    def fingerprint(self) -> str:
+        """A short hash that changes whenever the mapping between text and ids changes."""
+        return hashlib.sha256(json.dumps(self.state(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def encode_documents(self, texts: Iterable[str]) -> list[int]:
+        """Concatenated ids of many texts (used to tokenize whole splits)."""
+        ids: list[int] = []
+        for text in texts:
+            ids.extend(self.encode(text))
+        return ids
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character seen in the training text, plus an optional unknown symbol."""
+
+    kind = "char"
+    UNK = "\ufffd"
+
+    def __init__(self, chars: Sequence[str], unk: bool = True) -> None:
+        self.chars = list(chars)
+        self.unk = unk
+        if unk and self.UNK not in self.chars:
+            self.chars.append(self.UNK)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.unk_id = self.stoi[self.UNK] if unk else None
+
+    @classmethod
+    def train(cls, texts: Iterable[str], unk: bool = True) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls(sorted(seen), unk=unk)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str, strict: bool = False) -> list[int]:
+        stoi = self.stoi
+        try:
+            return [stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - stoi.keys())
+            if strict or self.unk_id is None:
+                shown = ", ".join(repr(c) for c in unknown[:10])
+                raise TokenizerError(
+                    f"The text has {len(unknown)} character(s) outside the character vocabulary: {shown}. "
+                    "Remove them, or train on data that contains them."
+                ) from None
+            unk = self.unk_id
+            return [stoi.get(c, unk) for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "chars": self.chars, "unk": self.unk}
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` backend: word level, byte-level BPE, or a pretrained one."""
+
+    def __init__(
+        self,
+        backend: HFBackend,
+        kind: str,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.kind = kind
+        self.eos_token, self.pad_token, self.unk_token = eos_token, pad_token, unk_token
+        self.source = source
+        self.eos_id = self._special_id(eos_token)
+        self.pad_id = self._special_id(pad_token)
+        self.unk_id = self._special_id(unk_token)
+
+    def _special_id(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"Special token {token!r} is not in the {self.kind} tokenizer's vocabulary.")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, strict: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if strict and self.unk_id is not None and self.unk_id in ids:
+            raise TokenizerError(
+                f"The text has words outside the {self.kind} vocabulary (they map to {self.unk_token!r})."
+            )
+        return ids
+
+    def encode_documents(self, texts: Iterable[str]) -> list[int]:
+        ids: list[int] = []
+        for batch in _line_chunks(texts):
+            for encoding in self.backend.encode_batch(batch, add_special_tokens=False):
+                ids.extend(encoding.ids)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.kind == "word":
+            tokens = [self.backend.id_to_token(i) or "" for i in ids]
+            return re.sub(r" ?\n ?", "\n", " ".join(tokens))
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "backend": self.backend.to_str(),
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "source": self.source,
+        }
+
+
+def _line_chunks(texts: Iterable[str]) -> Iterator[list[str]]:
+    """Cut texts at line ends into batches, so the Rust backend can encode them in parallel."""
+    batch: list[str] = []
+    for text in texts:
+        for line in text.splitlines(keepends=True):
+            batch.append(line)
+            if len(batch) == _ENCODE_CHUNK_LINES:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def train_char(texts: Iterable[str], unk: bool = True) -> CharTokenizer:
+    """Character vocabulary of the training text."""
+    return CharTokenizer.train(texts, unk=unk)
+
+
+def train_word(
+    texts: Iterable[str],
+    vocab_size: int = 30000,
+    min_frequency: int = 1,
+    lowercase: bool = False,
+    split_punctuation: bool = True,
+) -> HFTokenizer:
+    """Word-level vocabulary: the most frequent words, newlines kept as tokens, the rest ``<unk>``."""
+    from tokenizers import normalizers
+
+    backend = HFBackend(models.WordLevel(unk_token="<unk>"))
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
+    steps = [
+        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+    ]
+    if split_punctuation:
+        steps.append(pre_tokenizers.Punctuation(behavior="isolated"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=["<pad>", "<unk>", "<eos>"]
+    )
+    backend.train_from_iterator(_lines(texts), trainer=trainer)
+    return HFTokenizer(backend, "word", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> HFTokenizer:
+    """Byte-level BPE (GPT-2 style): every string is representable, no unknown token needed."""
+    backend = HFBackend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_lines(texts), trainer=trainer)
+    return HFTokenizer(backend, "bpe", eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def load_pretrained(
+    texts: Iterable[str] | None = None,
+    name_or_path: str = "gpt2",
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+    unk_token: str | None = None,
+) -> HFTokenizer:
+    """A pretrained tokenizer from a local ``tokenizer.json`` (or a folder holding one) or a hub name.
+
+    ``texts`` is accepted so every tokenizer builder has the same call shape; it is not used.
+    """
+    path = Path(name_or_path).expanduser()
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.endswith(".json")
+    if looks_local:
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise TokenizerError(
+                f"No tokenizer.json at '{file}'. Point tokenizer.name_or_path at a tokenizer.json file or a "
+                "folder that holds one (save a Hugging Face fast tokenizer with save_pretrained)."
+            )
+        backend = HFBackend.from_file(str(file))
+    else:
+        try:
+            backend = HFBackend.from_pretrained(name_or_path)
+        except Exception as err:  # the hub client raises many kinds of errors
+            raise TokenizerError(
+                f"Could not load pretrained tokenizer '{name_or_path}' from the Hugging Face hub ({err}). "
+                "When offline, set tokenizer.name_or_path to a local tokenizer.json or its folder."
+            ) from None
+    return HFTokenizer(backend, "pretrained", eos_token, pad_token, unk_token, source=name_or_path)
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        yield from text.splitlines(keepends=True)
+
+
+def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
+    """Rebuild a tokenizer saved by :meth:`Tokenizer.state` (from a checkpoint or the data cache)."""
+    kind = state.get("kind")
+    if kind == "char":
+        return CharTokenizer(state["chars"], unk=state["unk"])
+    if kind in {"word", "bpe", "pretrained"}:
+        return HFTokenizer(
+            HFBackend.from_str(state["backend"]),
+            kind,
+            eos_token=state.get("eos_token"),
+            pad_token=state.get("pad_token"),
+            unk_token=state.get("unk_token"),
+            source=state.get("source"),
+        )
+    raise TokenizerError(f"Unknown tokenizer kind {kind!r} in saved state.")
+
+
+def vocabulary_coverage(tokenizer: Tokenizer, ids: Sequence[int]) -> float:
+    """Fraction of ids that are not the unknown token (1.0 for tokenizers without one)."""
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None or not ids:
+        return 1.0
+    return 1.0 - Counter(ids)[unk] / len(ids)

@@ -1,0 +1,184 @@
+"""``lmlab-train``: compose an experiment from config, train it, validate and test it.
+
+Returns the value of ``optimized_metric`` so Hydra sweepers (grid, Optuna) can optimize it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from lmlab.checkpoint import check_matches, read_checkpoint
+from lmlab.config import locate, config_dir, validate_config
+from lmlab.errors import CheckpointMismatchError, ConfigError
+from lmlab.runtime import instantiate_dict, print_config, to_plain, user_errors
+from lmlab.tasks.base import TaskModule
+from lmlab.tokenizers import Tokenizer, tokenizer_from_state
+
+log = logging.getLogger("lmlab")
+RESUMABLE = ("last.ckpt", "interrupted.ckpt")
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path``: a file, or ``last`` for the newest resumable checkpoint of this ``task_name``."""
+    value = cfg.get("ckpt_path")
+    if not value:
+        return None
+    if value == "last":
+        root = Path(cfg.paths.log_dir) / cfg.task_name
+        found = [p for p in root.glob("**/checkpoints/*.ckpt") if p.name in RESUMABLE]
+        if not found:
+            raise ConfigError(
+                f"ckpt_path=last: no last.ckpt or interrupted.ckpt under '{root}'. "
+                "Give the checkpoint file instead: ckpt_path=/path/to/last.ckpt."
+            )
+        return str(max(found, key=lambda p: p.stat().st_mtime))
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path: no checkpoint at '{path}'.")
+    return str(path)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> L.LightningDataModule:
+    """The task's data module with its tokenizer ready (trained or loaded from cache)."""
+    spec = tokenizer if tokenizer is not None else hydra.utils.instantiate(cfg.tokenizer)
+    datamodule = hydra.utils.instantiate(cfg.data, tokenizer=spec)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def build_task(cfg: DictConfig, datamodule: Any) -> TaskModule:
+    """The task module; values the data decides (vocabulary size, pad id) come from ``datamodule.data_info``."""
+    kwargs = to_plain(cfg.task.module)
+    task_cls = locate(kwargs.pop("_target_"))
+    return task_cls(
+        **kwargs,
+        model=to_plain(cfg.model),
+        data_info=datamodule.data_info,
+        optimizer=to_plain(cfg.optimizer),
+        scheduler=to_plain(cfg.get("scheduler")),
+        compile=cfg.compile,
+        tokenizer_state=datamodule.tokenizer.state(),
+        run_config=to_plain(cfg),
+    )
+
+
+def check_resume(path: str, cfg: DictConfig, tokenizer: Tokenizer) -> None:
+    """A resumed run must use the checkpoint's model and tokenizer."""
+    extras = read_checkpoint(path)["lmlab"]
+    check_matches(extras.get("config") or {}, to_plain(cfg.model), "model", path)
+    if extras.get("tokenizer") and tokenizer_from_state(extras["tokenizer"]).fingerprint() != tokenizer.fingerprint():
+        raise CheckpointMismatchError(
+            f"Checkpoint '{path}' was trained with a different tokenizer than the one these data and tokenizer "
+            "settings give. Use the checkpoint's tokenizer and data settings, or start a new run without ckpt_path."
+        )
+
+
+def train(cfg: DictConfig) -> float | None:
+    validate_config(cfg)
+    if cfg.seed is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg)
+    datamodule = build_datamodule(cfg)
+    if ckpt_path:
+        check_resume(ckpt_path, cfg, datamodule.tokenizer)
+        log.info("Resuming from %s", ckpt_path)
+    task = build_task(cfg, datamodule)
+
+    loggers = instantiate_dict(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=loggers or False
+    )
+    if trainer.is_global_zero and cfg.print_config:
+        print_config(cfg, Path(cfg.paths.output_dir) / "config_tree.yaml")
+    for logger in loggers:
+        logger.log_hyperparams({"config": to_plain(cfg)})
+
+    metrics: dict[str, float] = {}
+    if cfg.train:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(_floats(trainer.callback_metrics))
+    best = _best_checkpoint(trainer)
+    if cfg.test:
+        if not datamodule.has_split("test"):
+            log.warning("No test split: skipping the test stage.")
+        else:
+            trainer.test(task, datamodule=datamodule, ckpt_path=best or (None if cfg.train else ckpt_path))
+            metrics.update(_floats(trainer.callback_metrics))
+
+    value = _optimized_value(cfg, trainer, metrics)
+    if trainer.is_global_zero:
+        _report(cfg, metrics, value, best)
+    return value
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "best_model_path", "") if callback else ""
+    return path if path and Path(path).is_file() else None
+
+
+def _optimized_value(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]) -> float | None:
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "monitor", None) == name and callback.best_model_score is not None:
+        return float(callback.best_model_score)
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric '{name}' was not logged (logged: {', '.join(sorted(metrics)) or 'nothing'})."
+        )
+    return metrics[name]
+
+
+def _report(cfg: DictConfig, metrics: dict[str, float], value: float | None, best: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lmlab results")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(k for k in metrics if k.startswith(("val/", "test/"))):
+        table.add_row(key, f"{metrics[key]:.4f}")
+    Console().print(table)
+    if best:
+        print(f"best checkpoint: {best}")
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({
+        "optimized_metric": cfg.get("optimized_metric"),
+        "mode": cfg.task.get("mode", "min"),
+        "value": None if value is None or math.isnan(value) else value,
+        "metrics": metrics,
+        "best_checkpoint": best,
+        "overrides": _overrides(),
+    }, indent=2))
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
