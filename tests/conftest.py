@@ -1,0 +1,83 @@
+"""Shared fixtures: composing configs like the CLI does, small learnable text, the shared data sets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from lmlab.config import config_dir
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# Fast settings for a training run in tests: tiny model, few steps, no rich output.
+FAST = [
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=10",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null",
+    "print_config=false",
+    "data.block_size=32",
+    "data.batch_size=8",
+    "model.n_layer=1",
+]
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout; tests that need it skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present beside this checkout")
+    return SHARED_DATA.resolve()
+
+
+@pytest.fixture
+def learnable_text(tmp_path: Path) -> Path:
+    """A small text with strong regularities that any of the models can learn in a few steps."""
+    lines = [f"the {a} cat sat on the {b} mat." for a in ("red", "big", "old") for b in ("blue", "flat")]
+    path = tmp_path / "learnable.txt"
+    path.write_text("\n".join(lines * 120) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
+    """Compose a config as the CLI would, with Hydra's runtime set so ``${hydra:...}`` resolves.
+
+    All outputs (logs, cache) go under ``tmp_path``.
+    """
+
+    def _make(overrides: list[str] = (), config_name: str = "train", run_dir: Path | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=[f"paths.root_dir={tmp_path}", *overrides],
+                          return_hydra_config=True)
+        out = Path(run_dir or tmp_path / "run")
+        out.mkdir(parents=True, exist_ok=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(out)
+            cfg.hydra.runtime.cwd = str(tmp_path)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield _make
+    GlobalHydra.instance().clear()
