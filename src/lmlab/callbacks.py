@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,4 +95,26 @@ class InterruptCheckpoint(L.Callback):
 
         if isinstance(exception, NonFiniteLossError) or not trainer.training:
             return
-        trainer.save_checkpoint(self.path)
+        with _untrained_batch_not_counted(trainer):
+            trainer.save_checkpoint(self.path)
+
+
+@contextlib.contextmanager
+def _untrained_batch_not_counted(trainer: L.Trainer) -> Iterator[None]:
+    """Save progress as if a batch that was fetched but not yet trained on had not been fetched.
+
+    Lightning restores such a half-started batch one batch late (the logging step and the validation
+    schedule shift by one), so the resumed run would not match an uninterrupted one. Without the
+    count, resuming simply redoes that batch: its optimizer step had not happened.
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    trackers = (progress.total, progress.current)
+    saved = [(t.ready, t.started) for t in trackers]
+    if progress.total.processed == progress.total.completed:
+        for t in trackers:
+            t.ready = t.started = t.processed
+    try:
+        yield
+    finally:
+        for t, (ready, started) in zip(trackers, saved, strict=True):
+            t.ready, t.started = ready, started

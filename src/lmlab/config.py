@@ -66,7 +66,11 @@ def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
         try:
             OmegaConf.merge(OmegaConf.structured(schema), cfg)
         except OmegaConfBaseException as err:
-            raise ConfigError(f"Invalid config: {err.msg}. Check the key's spelling and type.") from None
+            # err.msg also holds "full_key: ..." and "object_type=..." lines: keep one line, name the key
+            reason = str(err.msg).splitlines()[0] if err.msg else type(err).__name__
+            raise ConfigError(
+                f"Invalid config key '{err.full_key}': {reason}. Check the key's spelling and type."
+            ) from None
     check_targets(cfg)
 
 

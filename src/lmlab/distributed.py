@@ -8,11 +8,14 @@ the job's output folder) and write into that same folder.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from unittest import mock
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import subprocess_script
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -35,8 +38,41 @@ def _job_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
 
 class _HydraJobLauncher(_SubprocessScriptLauncher):
     def _call_children_scripts(self) -> None:
+        global _launched
+        env_before = {key: os.environ.get(key) for key in _LAUNCH_ENV}
         with mock.patch.object(subprocess_script, "_hydra_subprocess_cmd", _job_subprocess_cmd):
             super()._call_children_scripts()
+        _launched = (env_before, list(self.procs))
+
+
+# Variables the launcher sets in this process; with LOCAL_RANK set, Lightning takes the process for a
+# worker and starts none.
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# (environment before, worker processes) of the job that launched DDP workers from this process
+_launched: tuple[dict[str, str | None], list[subprocess.Popen]] | None = None
+
+
+def end_job(timeout: float = 60.0) -> None:
+    """After a job that started its own DDP workers: wait for them, close the process group and
+    restore the environment, so the next job of a multirun starts workers of its own instead of
+    talking to the finished ones."""
+    global _launched
+    if _launched is None:
+        return
+    env_before, procs = _launched
+    _launched = None
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in env_before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 class HydraDDPStrategy(DDPStrategy):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmlab.checkpoint import check_matches, load_task
 from lmlab.config import config_dir, validate_config
 from lmlab.errors import ConfigError
-from lmlab.runtime import to_plain, user_errors
+from lmlab.runtime import instantiate, to_plain, user_errors
 
 _STAGES = {"validation", "test"}
 
@@ -29,10 +29,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("model") is not None:
         check_matches(run_cfg, to_plain(cfg.model), "model", cfg.ckpt_path)
     data_cfg = cfg.data if cfg.get("data") is not None else OmegaConf.create(run_cfg["data"])
-    datamodule = hydra.utils.instantiate(data_cfg, tokenizer=task.tokenizer)
+    datamodule = instantiate(data_cfg, tokenizer=task.tokenizer)
     datamodule.prepare_data()
     datamodule.setup("validate")
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False)
     metrics: dict[str, float] = {}
     for split in cfg.splits:
         run = trainer.validate if split == "validation" else trainer.test

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.errors import LmlabError
@@ -28,11 +29,28 @@ def user_errors() -> Iterator[None]:
         raise SystemExit(1) from None
 
 
+def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets lmlab's own errors through unwrapped.
+
+    Hydra wraps any exception raised by a target in ``InstantiationException``; a
+    :class:`LmlabError` (a missing file, a bad model setting) should reach the user as it is.
+    """
+    try:
+        return hydra.utils.instantiate(node, *args, **kwargs)
+    except InstantiationException as wrapped:
+        cause: BaseException | None = wrapped
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, LmlabError):
+            raise cause from None
+        raise
+
+
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a named group such as ``callbacks`` or ``logger``."""
     if not cfg:
         return []
-    return [hydra.utils.instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
+    return [instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
 
 
 def to_plain(cfg: Any) -> Any:

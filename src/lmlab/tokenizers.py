@@ -47,8 +47,13 @@ class Tokenizer(ABC):
         """A JSON-able description from which :func:`tokenizer_from_state` rebuilds this tokenizer."""
 
     def fingerprint(self) -> str:
-        """A short hash that changes whenever the mapping between text and ids changes."""
-        return hashlib.sha256(json.dumps(self.state(), sort_keys=True).encode()).hexdigest()[:16]
+        """A short hash that changes whenever the mapping between text and ids changes.
+
+        Where a pretrained tokenizer was loaded from (``source``) is left out: the same tokenizer.json
+        from another path must match a checkpoint trained with it.
+        """
+        state = {k: v for k, v in self.state().items() if k != "source"}
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
     def encode_documents(self, texts: Iterable[str]) -> list[int]:
         """Concatenated ids of many texts (used to tokenize whole splits)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import lightning as L
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import check_matches, read_checkpoint
-from lmlab.config import locate, config_dir, validate_config
+from lmlab.config import config_dir, locate, validate_config
+from lmlab.distributed import end_job
 from lmlab.errors import CheckpointMismatchError, ConfigError
-from lmlab.runtime import instantiate_dict, print_config, to_plain, user_errors
+from lmlab.runtime import instantiate, instantiate_dict, print_config, to_plain, user_errors
 from lmlab.tasks.base import TaskModule
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
@@ -48,8 +50,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> L.LightningDataModule:
     """The task's data module with its tokenizer ready (trained or loaded from cache)."""
-    spec = tokenizer if tokenizer is not None else hydra.utils.instantiate(cfg.tokenizer)
-    datamodule = hydra.utils.instantiate(cfg.data, tokenizer=spec)
+    spec = tokenizer if tokenizer is not None else instantiate(cfg.tokenizer)
+    datamodule = instantiate(cfg.data, tokenizer=spec)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule
@@ -94,7 +96,16 @@ def train(cfg: DictConfig) -> float | None:
     task = build_task(cfg, datamodule)
 
     loggers = instantiate_dict(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(
+    try:
+        return _fit_and_test(cfg, task, datamodule, loggers, ckpt_path)
+    finally:
+        _finish_wandb(loggers, failed=sys.exc_info()[0] is not None)
+        end_job()
+
+
+def _fit_and_test(cfg: DictConfig, task: TaskModule, datamodule: Any, loggers: list[Any],
+                  ckpt_path: str | None) -> float | None:
+    trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=loggers or False
     )
     if trainer.is_global_zero and cfg.print_config:
@@ -120,6 +131,17 @@ def train(cfg: DictConfig) -> float | None:
     return value
 
 
+def _finish_wandb(loggers: list[Any], failed: bool) -> None:
+    """End the W&B run: its config and summary are written only then, and the next job of a multirun
+    (same process) would otherwise log into this run instead of starting its own."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        wandb.finish(exit_code=1 if failed else 0)
+
+
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -138,9 +160,9 @@ def _optimized_value(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, flo
     if callback is not None and getattr(callback, "monitor", None) == name and callback.best_model_score is not None:
         return float(callback.best_model_score)
     if name not in metrics:
-        raise ConfigError(
-            f"optimized_metric '{name}' was not logged (logged: {', '.join(sorted(metrics)) or 'nothing'})."
-        )
+        log.warning("optimized_metric '%s' was not logged (no validation ran? logged: %s); returning None.",
+                    name, ", ".join(sorted(metrics)) or "nothing")
+        return None
     return metrics[name]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lmlab.data.cache import cache_key, cached_dir
@@ -134,6 +135,9 @@ class LMDataModule(L.LightningDataModule):
             tok: Any = {"fingerprint": spec.fingerprint()}
         elif isinstance(spec, partial):
             tok = {"builder": f"{spec.func.__module__}.{spec.func.__qualname__}", "kwargs": spec.keywords}
+        elif hasattr(spec, "__qualname__"):
+            # a plain function: its repr holds a memory address, which would miss the cache in every new process
+            tok = {"builder": f"{spec.__module__}.{spec.__qualname__}", "kwargs": {}}
         else:
             tok = {"builder": repr(spec)}
         return cache_key({"task": "lm", "source": self.source.fingerprint(), "tokenizer": tok})
@@ -164,12 +168,13 @@ class LMDataModule(L.LightningDataModule):
             self.tokenizer = tokenizer_from_state(json.loads((self._cache / "tokenizer.json").read_text()))
         self.meta = json.loads((self._cache / "meta.json").read_text())
         for split, info in self.meta["splits"].items():
+            if split == "train" and info["tokens"] < 2 * self.block_size:
+                # one full block at every random epoch offset in [0, block_size) needs 2*block_size tokens
+                raise DataError(
+                    f"The train split has {info['tokens']} tokens, fewer than 2*data.block_size "
+                    f"({2 * self.block_size}). Lower data.block_size or add text."
+                )
             if info["tokens"] < self.block_size + 1:
-                if split == "train":
-                    raise DataError(
-                        f"The train split has {info['tokens']} tokens, fewer than data.block_size+1 "
-                        f"({self.block_size + 1}). Lower data.block_size or add text."
-                    )
                 continue
             self.datasets[split] = TokenBlocks(self._cache / f"{split}.npy", self.block_size)
 
@@ -215,10 +220,12 @@ class LMDataModule(L.LightningDataModule):
         return self._loader(data, starts, self.eval_batch_size, drop_last=False)
 
     def _loader(self, data: Dataset, sampler: Iterable[int], batch_size: int, drop_last: bool) -> DataLoader:
+        # Its own generator: otherwise every pass over a loader (each epoch, each validation) draws
+        # from the global RNG, which a run resumed past that point would not repeat.
         return DataLoader(
             data, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=_as_batch,
             num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -233,7 +240,8 @@ class LMDataModule(L.LightningDataModule):
     # -- exact resume of the data position ---------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         trainer = self.trainer
-        if trainer is None or not trainer.training:
+        # During fit, not only while training: checkpoints saved at validation end need it too.
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": trainer.current_epoch, "batches_done": done}

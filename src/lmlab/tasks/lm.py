@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import hydra
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +13,7 @@ from torchmetrics import MeanMetric
 from lmlab.config import accepted_keys, locate
 from lmlab.errors import TokenizerError
 from lmlab.generation import generate
+from lmlab.runtime import instantiate
 from lmlab.tasks.base import TaskModule
 
 _SPLIT_NAMES = {"val": "validation", "test": "test"}
@@ -33,7 +33,7 @@ class LanguageModelingTask(TaskModule):
         decided = {"vocab_size": data_info["vocab_size"]}
         if "block_size" in (accepted_keys(locate(model["_target_"])) or {}):
             decided["block_size"] = data_info["block_size"]  # context length of the training blocks
-        return hydra.utils.instantiate(model, **decided)
+        return instantiate(model, **decided)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self._forward(idx)[0]
