@@ -214,3 +214,19 @@ def test_generate_stops_when_every_row_emits_eos() -> None:
 def test_generate_zero_new_tokens_returns_prompt() -> None:
     prompt = _prompt()
     assert torch.equal(generate(_gpt(), prompt, 0), prompt)
+
+
+def test_suppressed_ids_are_never_sampled() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=6, block_size=16, n_layer=1, n_head=1, n_embd=8, tie_weights=False).eval()
+    with torch.no_grad():  # final features all ones, so id 3 gets logit 8 and the others 0
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[3] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    out = generate(model, torch.zeros(4, 1, dtype=torch.long), 30, temperature=1.0, generator=gen,
+                   suppress_ids=[3])
+    assert 3 not in out[:, 1:].tolist()[0] and not (out[:, 1:] == 3).any()
+    greedy = generate(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
+    assert (greedy[:, 1:] == 3).all()  # without suppression the same model picks it

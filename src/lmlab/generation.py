@@ -44,18 +44,23 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
+    suppress_ids: list[int] | None = None,
 ) -> torch.Tensor:
     """Extend ``idx`` ``(B, T)`` by up to ``max_new_tokens``, reusing the model's cache or hidden state.
 
     For models with a context limit (``block_size``) the cache is rebuilt from the last
-    ``block_size`` tokens once it is full.
+    ``block_size`` tokens once it is full. ``suppress_ids`` are never sampled (e.g. an unknown
+    symbol that training text never contained).
     """
     block_size = getattr(model, "block_size", None)
     context = idx[:, -block_size:] if block_size else idx
     logits, state = model(context, None, return_state=True)
     cached = context.size(1)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        last = logits[:, -1]
+        if suppress_ids:
+            last = last.index_fill(-1, torch.tensor(suppress_ids, device=last.device), float("-inf"))
+        nxt = sample_next(last, temperature, top_k, top_p, generator)
         idx = torch.cat([idx, nxt[:, None]], dim=1)
         if eos_id is not None and bool((nxt == eos_id).all()) or step == max_new_tokens - 1:
             break

@@ -99,10 +99,16 @@ class LanguageModelingTask(TaskModule):
         self.net.eval()
         try:
             out = generate(self.net, idx, max_new_tokens, temperature, top_k, top_p, generator,
-                           eos_id=self.tokenizer.eos_id if stop_at_eos else None)
+                           eos_id=self.tokenizer.eos_id if stop_at_eos else None,
+                           suppress_ids=self._never_sampled())
         finally:
             self.net.train(was_training)
         return [self.tokenizer.decode(row[len(ids):].tolist()) for row in out]
+
+    def _never_sampled(self) -> list[int]:
+        """The character vocabulary's unknown symbol: by construction absent from the training text."""
+        unk = getattr(self.tokenizer, "unk_id", None)
+        return [unk] if self.tokenizer is not None and self.tokenizer.kind == "char" and unk is not None else []
 
     def _start_ids(self) -> list[int]:
         """Where an empty prompt starts: end-of-text if the tokenizer has one, else a newline."""
