@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -89,32 +90,43 @@ class InterruptCheckpoint(L.Callback):
 
     def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
         self.path = Path(dirpath) / filename
+        self._validated_at: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validated_at = trainer.global_step
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lmlab.errors import NonFiniteLossError
 
         if isinstance(exception, NonFiniteLossError) or not trainer.training:
             return
-        with _untrained_batch_not_counted(trainer):
+        with _as_saved_between_batches(trainer, validated=self._validated_at == trainer.global_step):
             trainer.save_checkpoint(self.path)
 
 
 @contextlib.contextmanager
-def _untrained_batch_not_counted(trainer: L.Trainer) -> Iterator[None]:
-    """Save progress as if a batch that was fetched but not yet trained on had not been fetched.
+def _as_saved_between_batches(trainer: L.Trainer, validated: bool) -> Iterator[None]:
+    """Save the loop state as Lightning's own checkpoints between two batches have it, so the resumed run
+    repeats the uninterrupted one step for step.
 
-    Lightning restores such a half-started batch one batch late (the logging step and the validation
-    schedule shift by one), so the resumed run would not match an uninterrupted one. Without the
-    count, resuming simply redoes that batch: its optimizer step had not happened.
+    A batch that was fetched but not yet trained on is not counted: Lightning would restore it one batch
+    late (validation and the logging step shifted by one); resuming simply redoes it. After a validation at
+    this step, the logging step is saved one lower, as at validation end: on restart Lightning skips that
+    validation and counts the step then.
     """
-    progress = trainer.fit_loop.epoch_loop.batch_progress
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress
     trackers = (progress.total, progress.current)
-    saved = [(t.ready, t.started) for t in trackers]
+    saved = [(t.ready, t.started) for t in trackers], loop._batches_that_stepped
     if progress.total.processed == progress.total.completed:
         for t in trackers:
             t.ready = t.started = t.processed
+        if validated:
+            loop._batches_that_stepped -= 1
     try:
         yield
     finally:
-        for t, (ready, started) in zip(trackers, saved, strict=True):
+        for t, (ready, started) in zip(trackers, saved[0], strict=True):
             t.ready, t.started = ready, started
+        loop._batches_that_stepped = saved[1]
