@@ -18,31 +18,13 @@ pytestmark = pytest.mark.skipif(
     reason="torch.distributed with the gloo backend is not available",
 )
 
+from test_sweeps import _tiny  # noqa: E402
+
 TIMEOUT_S = 300
 
 
 def _ddp_args(text: Path, root: Path) -> list[str]:
-    return [
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "data=text_files",
-        f"data.source.train_files={text}",
-        "data.block_size=16",
-        "data.batch_size=8",
-        "model.n_layer=1",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
-        "trainer.limit_val_batches=2",
-        "trainer.num_sanity_val_steps=0",
-        "++trainer.enable_progress_bar=false",
-        "++trainer.enable_model_summary=false",
-        "callbacks.rich_progress_bar=null",
-        "callbacks.rich_model_summary=null",
-        "callbacks.samples.max_new_tokens=5",
-        "print_config=false",
-        f"paths.root_dir={root}",
-    ]
+    return ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *_tiny(text, root)]
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
