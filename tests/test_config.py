@@ -25,7 +25,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
-from tests.conftest import FAST
+from conftest import FAST
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from lmlab.config import accepted_keys, config_dir, locate, validate_config

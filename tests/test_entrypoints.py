@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
-from tests.conftest import FAST
+from conftest import FAST
 
 from lmlab.checkpoint import load_task
 from lmlab.config import config_dir

@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import DictConfig
-from tests.conftest import FAST
+from conftest import FAST
 
 from lmlab.train import train
 

@@ -29,7 +29,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("model") is not None:
         check_matches(run_cfg, to_plain(cfg.model), "model", cfg.ckpt_path)
     data_cfg = cfg.data if cfg.get("data") is not None else OmegaConf.create(run_cfg["data"])
-    datamodule = instantiate(data_cfg, tokenizer=task.tokenizer)
+    datamodule = instantiate(data_cfg, **task.datamodule_kwargs())
     datamodule.prepare_data()
     datamodule.setup("validate")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False)

@@ -62,6 +62,23 @@ class Tokenizer(ABC):
             ids.extend(self.encode(text))
         return ids
 
+    def encode_batch(
+        self, texts: Sequence[str], max_length: int | None = None, add_special_tokens: bool = False
+    ) -> tuple[list[list[int]], int]:
+        """Ids of each text, cut to ``max_length`` tokens, and how many texts were cut.
+
+        ``add_special_tokens`` adds what a pretrained tokenizer's template wraps a text in (BERT's
+        ``[CLS] ... [SEP]``); tokenizers trained here have none.
+        """
+        encoded = [self.encode(text) for text in texts]
+        if max_length is None:
+            return encoded, 0
+        return [ids[:max_length] for ids in encoded], sum(len(ids) > max_length for ids in encoded)
+
+    @abstractmethod
+    def vocabulary(self) -> list[str]:
+        """The token of every id, in id order (to match pretrained word vectors)."""
+
 
 class CharTokenizer(Tokenizer):
     """One id per character seen in the training text, plus an optional unknown symbol."""
@@ -105,6 +122,9 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids)
+
+    def vocabulary(self) -> list[str]:
+        return list(self.chars)
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": self.chars, "unk": self.unk}
@@ -156,6 +176,20 @@ class HFTokenizer(Tokenizer):
             for encoding in self.backend.encode_batch(batch, add_special_tokens=False):
                 ids.extend(encoding.ids)
         return ids
+
+    def encode_batch(
+        self, texts: Sequence[str], max_length: int | None = None, add_special_tokens: bool = False
+    ) -> tuple[list[list[int]], int]:
+        backend = self.backend
+        if max_length is not None:
+            # truncation by the backend keeps a template's closing token ([SEP]) in place
+            backend = HFBackend.from_str(self.backend.to_str())
+            backend.enable_truncation(max_length)
+        encodings = backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [e.ids for e in encodings], sum(bool(e.overflowing) for e in encodings)
+
+    def vocabulary(self) -> list[str]:
+        return [self.backend.id_to_token(i) or "" for i in range(self.vocab_size)]
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.kind == "word":
@@ -264,6 +298,9 @@ def load_pretrained(
                 f"Could not load pretrained tokenizer '{name_or_path}' from the Hugging Face hub ({err}). "
                 "When offline, set tokenizer.name_or_path to a local tokenizer.json or its folder."
             ) from None
+    # padding and truncation are decided per batch by the data modules, not fixed in the file
+    backend.no_padding()
+    backend.no_truncation()
     return HFTokenizer(backend, "pretrained", eos_token, pad_token, unk_token, source=name_or_path)
 
 

@@ -73,15 +73,35 @@ def build_task(cfg: DictConfig, datamodule: Any) -> TaskModule:
     )
 
 
-def check_resume(path: str, cfg: DictConfig, tokenizer: Tokenizer) -> None:
-    """A resumed run must use the checkpoint's model and tokenizer."""
-    extras = read_checkpoint(path)["lmlab"]
+def check_resume(path: str, cfg: DictConfig, datamodule: Any) -> None:
+    """A resumed run must use the checkpoint's model, tokenizer and what the data fixes (e.g. its labels)."""
+    ckpt = read_checkpoint(path)
+    extras = ckpt["lmlab"]
     check_matches(extras.get("config") or {}, to_plain(cfg.model), "model", path)
+    tokenizer: Tokenizer = datamodule.tokenizer
     if extras.get("tokenizer") and tokenizer_from_state(extras["tokenizer"]).fingerprint() != tokenizer.fingerprint():
         raise CheckpointMismatchError(
             f"Checkpoint '{path}' was trained with a different tokenizer than the one these data and tokenizer "
             "settings give. Use the checkpoint's tokenizer and data settings, or start a new run without ckpt_path."
         )
+    check_data_matches(path, locate(extras["task"]), ckpt["hyper_parameters"].get("data_info") or {},
+                       datamodule.data_info)
+
+
+def check_data_matches(path: str, task_cls: type[TaskModule], trained: dict[str, Any], given: dict[str, Any]) -> None:
+    """The data must agree with the checkpoint on everything its network was shaped by (vocabulary, labels)."""
+    for key in task_cls.fixed_by_checkpoint:
+        if key in trained and trained[key] != given.get(key):
+            raise CheckpointMismatchError(
+                f"Checkpoint '{path}' was trained with {key}={_short(trained[key])}, but the data gives "
+                f"{key}={_short(given.get(key))}. Use data with the checkpoint's {key}, or start a new run "
+                "without ckpt_path."
+            )
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -91,7 +111,7 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg)
     datamodule = build_datamodule(cfg)
     if ckpt_path:
-        check_resume(ckpt_path, cfg, datamodule.tokenizer)
+        check_resume(ckpt_path, cfg, datamodule)
         log.info("Resuming from %s", ckpt_path)
     task = build_task(cfg, datamodule)
 

@@ -69,6 +69,13 @@ def read_column(files: Sequence[Path], column: str, key: str) -> list[str]:
 
 def read_table(path: Path, columns: Sequence[str], key: str) -> dict[str, list[Any]]:
     """Selected columns of one json/jsonl/csv/parquet file."""
+    table = load_table(path, columns, key)
+    return {c: table[c] for c in columns}
+
+
+def load_table(path: Path, columns: Sequence[str], key: str) -> Any:
+    """One json/jsonl/csv/parquet file as a ``datasets.Dataset`` (with its features, e.g. class names)
+    that has every one of ``columns`` and at least one row."""
     import datasets
 
     builder = TABLE_BUILDERS.get(path.suffix.lower())
@@ -83,12 +90,17 @@ def read_table(path: Path, columns: Sequence[str], key: str) -> dict[str, list[A
         table = datasets.load_dataset(builder, data_files=[str(path)], split="train")
     except Exception as err:  # the builders raise many kinds of parse errors
         raise DataError(f"Could not parse '{path}' as {builder}: {err}") from None
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise DataError(
-            f"Column '{missing[0]}' is not in '{path}' (columns: {', '.join(table.column_names)}). "
-            f"Set the column name in the data config (see {key})."
-        )
+    check_columns(table.column_names, columns, f"'{path}'", key)
     if len(table) == 0:
         raise DataError(f"'{path}' has no rows.")
-    return {c: table[c] for c in columns}
+    return table
+
+
+def check_columns(available: Sequence[str], wanted: Sequence[str], where: str, key: str) -> None:
+    """Every wanted column must exist; the error lists the columns there are and the key to set."""
+    missing = [c for c in wanted if c not in available]
+    if missing:
+        raise DataError(
+            f"Column '{missing[0]}' is not in {where} (columns: {', '.join(available)}). "
+            f"Set the column name in the data config (see {key})."
+        )

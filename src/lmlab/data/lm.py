@@ -9,23 +9,18 @@ non-overlapping blocks from offset 0.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
-from functools import partial
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lmlab.data.cache import cache_key, cached_dir
+from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.text_sources import TextSource
 from lmlab.errors import DataError
-from lmlab.tokenizers import Tokenizer, tokenizer_from_state
-
-TokenizerBuilder = Callable[[Iterable[str]], Tokenizer]
+from lmlab.tokenizers import Tokenizer
 
 
 class TokenBlocks(Dataset):
@@ -98,7 +93,7 @@ class EpochBlockSampler(Sampler[int]):
             yield offset + block * self.block_size
 
 
-class LMDataModule(L.LightningDataModule):
+class LMDataModule(TaskDataModule):
     """Tokenizes a :class:`TextSource` once (cached) and serves packed blocks."""
 
     def __init__(
@@ -113,43 +108,20 @@ class LMDataModule(L.LightningDataModule):
         cache_dir: str = ".cache/lmlab",
         seed: int = 1337,
     ) -> None:
-        super().__init__()
-        if block_size < 1 or batch_size < 1:
-            raise DataError(f"data.block_size ({block_size}) and data.batch_size ({batch_size}) must be positive.")
-        self.source, self.tokenizer_spec = source, tokenizer
-        self.block_size, self.batch_size = block_size, batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.cache_root, self.seed = cache_dir, seed
-        self.tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
-        self.meta: dict[str, Any] = {}
-        self.datasets: dict[str, TokenBlocks] = {}
-        self._cache: Path | None = None
-        self._resume: tuple[int, int] | None = None
-        self._train_sampler: EpochBlockSampler | None = None
+        super().__init__(tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed)
+        if block_size < 1:
+            raise DataError(f"data.block_size must be positive, got {block_size}.")
+        self.source, self.block_size = source, block_size
 
     # -- building the cache ---------------------------------------------------------------
-    def _key(self) -> str:
-        spec = self.tokenizer_spec
-        if isinstance(spec, Tokenizer):
-            tok: Any = {"fingerprint": spec.fingerprint()}
-        elif isinstance(spec, partial):
-            tok = {"builder": f"{spec.func.__module__}.{spec.func.__qualname__}", "kwargs": spec.keywords}
-        elif hasattr(spec, "__qualname__"):
-            # a plain function: its repr holds a memory address, which would miss the cache in every new process
-            tok = {"builder": f"{spec.__module__}.{spec.__qualname__}", "kwargs": {}}
-        else:
-            tok = {"builder": repr(spec)}
-        return cache_key({"task": "lm", "source": self.source.fingerprint(), "tokenizer": tok})
+    def cache_parts(self) -> dict[str, Any]:
+        return {"task": "lm", "source": self.source.fingerprint()}
 
-    def prepare_data(self) -> None:
-        self._cache = cached_dir(self.cache_root, self._key(), self._build)
-
-    def _build(self, folder: Path) -> None:
+    def build_cache(self, folder: Path) -> None:
         splits = self.source.load()
         if not splits.get("train", "").strip():
             raise DataError("The training text is empty. Check the data files or data.source settings.")
-        tokenizer = self.tokenizer or self.tokenizer_spec([splits["train"]])  # type: ignore[operator]
+        tokenizer = self.train_tokenizer([splits["train"]])
         dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
         meta: dict[str, Any] = {"vocab_size": tokenizer.vocab_size, "splits": {}}
         for split, text in splits.items():
@@ -161,12 +133,7 @@ class LMDataModule(L.LightningDataModule):
 
     # -- serving ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self._cache is None:
-            self.prepare_data()
-        assert self._cache is not None
-        if self.tokenizer is None:
-            self.tokenizer = tokenizer_from_state(json.loads((self._cache / "tokenizer.json").read_text()))
-        self.meta = json.loads((self._cache / "meta.json").read_text())
+        cache = self.open_cache()
         for split, info in self.meta["splits"].items():
             if split == "train" and info["tokens"] < 2 * self.block_size:
                 # one full block at every random epoch offset in [0, block_size) needs 2*block_size tokens
@@ -176,7 +143,7 @@ class LMDataModule(L.LightningDataModule):
                 )
             if info["tokens"] < self.block_size + 1:
                 continue
-            self.datasets[split] = TokenBlocks(self._cache / f"{split}.npy", self.block_size)
+            self.datasets[split] = TokenBlocks(cache / f"{split}.npy", self.block_size)
 
     @property
     def data_info(self) -> dict[str, Any]:
@@ -189,12 +156,8 @@ class LMDataModule(L.LightningDataModule):
     def chars_per_token(self) -> dict[str, float]:
         return {s: i["chars"] / max(i["tokens"], 1) for s, i in self.meta.get("splits", {}).items()}
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         data = self.datasets["train"]
         sampler = EpochBlockSampler(len(data), self.block_size, self.seed, rank, world)
         if sampler.per_rank < self.batch_size:
@@ -202,11 +165,10 @@ class LMDataModule(L.LightningDataModule):
                 f"The train split yields {sampler.per_rank} blocks per process, fewer than data.batch_size "
                 f"({self.batch_size}). Lower data.batch_size or data.block_size."
             )
-        if self._resume is not None:
-            sampler.resume_at(*self._resume)
-            self._resume = None
-        self._train_sampler = sampler
-        return self._loader(data, sampler, self.batch_size, drop_last=True)
+        resume = self.take_resume()
+        if resume is not None:
+            sampler.resume_at(resume[0], resume[1] * self.batch_size)
+        return self.loader(data, _as_batch, sampler=sampler, batch_size=self.batch_size, drop_last=True)
 
     def _eval_loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
@@ -215,37 +177,12 @@ class LMDataModule(L.LightningDataModule):
                 "give it more text or set a smaller data.block_size."
             )
         data = self.datasets[split]
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         starts = list(range(0, len(data) - self.block_size, self.block_size))[rank::world]
-        return self._loader(data, starts, self.eval_batch_size, drop_last=False)
-
-    def _loader(self, data: Dataset, sampler: Iterable[int], batch_size: int, drop_last: bool) -> DataLoader:
-        # Its own generator: otherwise every pass over a loader (each epoch, each validation) draws
-        # from the global RNG, which a run resumed past that point would not repeat.
-        return DataLoader(
-            data, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=_as_batch,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed),
-        )
+        return self.loader(data, _as_batch, sampler=starts, batch_size=self.eval_batch_size, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
-
-    def has_split(self, split: str) -> bool:
-        return split in self.datasets
-
-    # -- exact resume of the data position ---------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        # During fit, not only while training: checkpoints saved at validation end need it too.
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": done}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self._resume = (state["epoch"], state["batches_done"] * self.batch_size)

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from lmlab import __version__
+from lmlab.config import accepted_keys, locate
 from lmlab.errors import NonFiniteLossError
+from lmlab.runtime import instantiate
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 
@@ -24,9 +26,10 @@ class TaskModule(L.LightningModule):
     checkpoints load with ``torch.load(weights_only=True)``.
     """
 
-    #: the validation metric that checkpointing, early stopping and sweeps use by default
-    monitor: str = "val/loss"
-    monitor_mode: str = "min"
+    #: data_info keys the network is built from, passed to the model when its constructor takes them
+    network_inputs: tuple[str, ...] = ("vocab_size",)
+    #: data_info keys that must be the same in a checkpoint and the data it resumes or is evaluated on
+    fixed_by_checkpoint: tuple[str, ...] = ("vocab_size",)
 
     def __init__(
         self,
@@ -48,7 +51,13 @@ class TaskModule(L.LightningModule):
         self._pending_rng: dict[str, Any] | None = None
 
     def build_network(self, model: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
-        raise NotImplementedError
+        accepted = accepted_keys(locate(model["_target_"]))
+        decided = {k: data_info[k] for k in self.network_inputs if accepted is None or k in accepted}
+        return instantiate(model, **decided)
+
+    def datamodule_kwargs(self) -> dict[str, Any]:
+        """What a data module needs to serve data the way this trained task expects (its tokenizer)."""
+        return {"tokenizer": self.tokenizer}
 
     # -- optimization ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -10,10 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lmlab.config import accepted_keys, locate
 from lmlab.errors import TokenizerError
 from lmlab.generation import generate
-from lmlab.runtime import instantiate
 from lmlab.tasks.base import TaskModule
 
 _SPLIT_NAMES = {"val": "validation", "test": "test"}
@@ -22,18 +20,11 @@ _SPLIT_NAMES = {"val": "validation", "test": "test"}
 class LanguageModelingTask(TaskModule):
     """Trains a language model; logs ``{split}/loss``, ``{split}/ppl`` and ``{split}/bpc``."""
 
-    monitor = "val/ppl"
-    monitor_mode = "min"
+    network_inputs = ("vocab_size", "block_size")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_means = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
-
-    def build_network(self, model: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
-        decided = {"vocab_size": data_info["vocab_size"]}
-        if "block_size" in (accepted_keys(locate(model["_target_"])) or {}):
-            decided["block_size"] = data_info["block_size"]  # context length of the training blocks
-        return instantiate(model, **decided)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self._forward(idx)[0]
