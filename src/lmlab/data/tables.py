@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.files import check_columns, file_signature, load_table, resolve_files
+from lmlab.data.files import file_signature, load_table, resolve_files
 from lmlab.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -72,6 +72,13 @@ class TableSource:
         return (train.take(rest.tolist(), f"the rest of {train.origin}"),
                 train.take(val.tolist(), f"a random {share} (data.source.split_seed={self.split_seed})"))
 
+    def check_columns(self, available: Sequence[str], where: str) -> None:
+        """Every configured column must be there; the error names the role's key and the columns there are."""
+        for role, column in self.columns.items():
+            if column not in available:
+                raise DataError(f"Column '{column}' is not in {where} (columns: {', '.join(available)}). "
+                                f"Set data.source.columns.{role} to the {role} column's name.")
+
     def _base_fingerprint(self) -> dict[str, Any]:
         return {"columns": self.columns, "val": self.val_fraction, "split_seed": self.split_seed}
 
@@ -123,7 +130,7 @@ class HubTable(TableSource):
                 continue
             table = data[hub_split]
             where = f"{self.path}[{hub_split}]"
-            check_columns(table.column_names, list(self.columns.values()), where, "data.source.columns")
+            self.check_columns(table.column_names, where)
             out[split] = SplitTable({r: table[c] for r, c in self.columns.items()}, where,
                                     _class_names(table.features, self.columns))
         return out
@@ -163,7 +170,8 @@ class TableFiles(TableSource):
             merged: dict[str, list[Any]] = {role: [] for role in self.columns}
             names: dict[str, list[str]] = {}
             for path in files:
-                table = load_table(path, list(self.columns.values()), key)
+                table = load_table(path, [], key)
+                self.check_columns(table.column_names, f"'{path}'")
                 for role, column in self.columns.items():
                     merged[role].extend(table[column])
                 names.update(_class_names(table.features, self.columns))
