@@ -134,5 +134,6 @@ def cls_overrides(folder: Path, *extra: str) -> list[str]:
         "callbacks.rich_model_summary=null",
         "print_config=false",
         "optimizer.lr=3e-3",
+        "scheduler.warmup_steps=5",
         *extra,
     ]

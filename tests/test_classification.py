@@ -229,7 +229,7 @@ def _run(make_cfg, overrides: list[str], run_dir: Path) -> dict:
 
 
 def test_training_learns_and_logs_metrics_and_confusion_matrix(make_cfg, labeled_dir: Path, tmp_path: Path) -> None:
-    record = _run(make_cfg, cls_overrides(labeled_dir, "model=textcnn", "model.n_filters=16"), tmp_path / "run")
+    record = _run(make_cfg, cls_overrides(labeled_dir, "model=textcnn"), tmp_path / "run")
     metrics = record["metrics"]
     assert record["optimized_metric"] == "val/acc" and record["mode"] == "max"
     assert metrics["test/acc"] > 0.9, metrics
@@ -242,8 +242,7 @@ def test_training_learns_and_logs_metrics_and_confusion_matrix(make_cfg, labeled
 
 
 def test_predict_equals_in_process_outputs(make_cfg, labeled_dir: Path, tmp_path: Path, capsys) -> None:
-    _run(make_cfg, cls_overrides(labeled_dir, "model=bag_of_ngrams", "trainer.max_steps=30", "test=false"),
-         tmp_path / "run")
+    _run(make_cfg, cls_overrides(labeled_dir, "model=transformer_encoder", "test=false"), tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     texts = ["the soup was in the bowl", "", "a goal and a race", "code " * 100, "cheese"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
@@ -287,7 +286,7 @@ def test_checkpoint_with_another_label_set_is_refused(make_cfg, labeled_dir: Pat
         train(make_cfg([*moved, "trainer.max_steps=8", f"ckpt_path={ckpt}"], run_dir=tmp_path / "B"))
     # evaluating the checkpoint on data with a label it does not know names the label
     write_labeled(other / "test.jsonl", 12, 3, labels=("food", "weather"))
-    eval_cfg = make_cfg([f"ckpt_path={ckpt}", "+data=labeled_files", f"data.source.train_files={other}/train.jsonl",
+    eval_cfg = make_cfg([f"ckpt_path={ckpt}", "data=labeled_files", f"data.source.train_files={other}/train.jsonl",
                          f"data.source.test_files={other}/test.jsonl", "splits=[test]"], config_name="eval")
     with pytest.raises(DataError, match=r"outside the checkpoint's label set .*'weather'"):
         evaluate(eval_cfg)

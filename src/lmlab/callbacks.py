@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +131,82 @@ def _as_saved_between_batches(trainer: L.Trainer, validated: bool) -> Iterator[N
         for t, (ready, started) in zip(trackers, saved[0], strict=True):
             t.ready, t.started = ready, started
         loop._batches_that_stepped = saved[1]
+
+
+class ConfusionMatrixLogger(L.Callback):
+    """After each validation and test, hands the task's confusion matrix to every logger.
+
+    W&B gets an image and a table, TensorBoard a figure, and the CSV logger
+    ``confusion_matrix/{stage}_step{step}.csv`` (plus ``{stage}_latest.csv``). Reads
+    ``pl_module.confusion_matrices[stage]`` (rows: true class, columns: predicted) and ``pl_module.labels``.
+    """
+
+    def __init__(self, normalize: bool = False, max_classes_for_image: int = 50) -> None:
+        self.normalize, self.max_classes_for_image = normalize, max_classes_for_image
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, "test")
+
+    @rank_zero_only
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        matrix = getattr(pl_module, "confusion_matrices", {}).get(stage)
+        if matrix is None:
+            return
+        labels = list(pl_module.labels)
+        step = trainer.global_step
+        key = f"{stage}/confusion_matrix"
+        draw = len(labels) <= self.max_classes_for_image
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                rows = [[t, p, int(matrix[i, j])] for i, t in enumerate(labels) for j, p in enumerate(labels)]
+                record: dict[str, Any] = {f"{key}_table": wandb.Table(columns=["true", "predicted", "count"],
+                                                                     data=rows)}
+                if draw:
+                    record[key] = wandb.Image(self._figure(matrix, labels, stage, step))
+                logger.experiment.log({**record, "trainer/global_step": step})
+            elif isinstance(logger, TensorBoardLogger) and draw:
+                logger.experiment.add_figure(key, self._figure(matrix, labels, stage, step), step)
+            elif isinstance(logger, CSVLogger) and logger.log_dir:
+                folder = Path(logger.log_dir) / "confusion_matrix"
+                folder.mkdir(parents=True, exist_ok=True)
+                rows = [["true\\pred", *labels], *([label, *matrix[i].tolist()] for i, label in enumerate(labels))]
+                for name in (f"{stage}_step{step:06d}.csv", f"{stage}_latest.csv"):
+                    with (folder / name).open("w", newline="", encoding="utf-8") as f:
+                        csv.writer(f).writerows(rows)
+
+    def _figure(self, matrix: torch.Tensor, labels: list[str], stage: str, step: int) -> Any:
+        return confusion_matrix_figure(matrix, labels, f"{stage} confusion matrix, step {step}", self.normalize)
+
+
+def confusion_matrix_figure(matrix: torch.Tensor, labels: list[str], title: str, normalize: bool = False) -> Any:
+    """A heatmap of counts (or row fractions) with class names on the axes, drawn without pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = matrix.double()
+    if normalize:
+        values = values / values.sum(1, keepdim=True).clamp(min=1)
+    size = max(4.0, 0.5 * len(labels) + 2)
+    fig = Figure(figsize=(size, size))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(values.numpy(), cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xlabel="predicted", ylabel="true", title=title)
+    ax.set_xticklabels(labels, rotation=45, ha="right")
+    ax.set_yticklabels(labels)
+    if len(labels) <= 20:
+        high = float(values.max()) if values.numel() else 0.0
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                v = float(values[i, j])
+                ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center",
+                        color="white" if v > high / 2 else "black")
+    fig.tight_layout()
+    return fig

@@ -78,14 +78,14 @@ def check_resume(path: str, cfg: DictConfig, datamodule: Any) -> None:
     ckpt = read_checkpoint(path)
     extras = ckpt["lmlab"]
     check_matches(extras.get("config") or {}, to_plain(cfg.model), "model", path)
+    check_data_matches(path, locate(extras["task"]), ckpt["hyper_parameters"].get("data_info") or {},
+                       datamodule.data_info)
     tokenizer: Tokenizer = datamodule.tokenizer
     if extras.get("tokenizer") and tokenizer_from_state(extras["tokenizer"]).fingerprint() != tokenizer.fingerprint():
         raise CheckpointMismatchError(
             f"Checkpoint '{path}' was trained with a different tokenizer than the one these data and tokenizer "
             "settings give. Use the checkpoint's tokenizer and data settings, or start a new run without ckpt_path."
         )
-    check_data_matches(path, locate(extras["task"]), ckpt["hyper_parameters"].get("data_info") or {},
-                       datamodule.data_info)
 
 
 def check_data_matches(path: str, task_cls: type[TaskModule], trained: dict[str, Any], given: dict[str, Any]) -> None:
