@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
@@ -49,6 +50,20 @@ class TokenThroughput(L.Callback):
             pl_module.log_dict({"perf/tokens_per_sec": self._tokens / elapsed,
                                 "perf/samples_per_sec": self._samples / elapsed}, on_step=True, on_epoch=False)
             self._start, self._tokens, self._samples = time.perf_counter(), 0, 0
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, with ``last.ckpt`` written after every validation.
+
+    Lightning writes ``last.ckpt`` only when the same validation also saved a top-k checkpoint, so a
+    run whose metric stopped improving would resume from an old state and lose the steps since.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and not self._should_save_on_train_epoch_end(trainer)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class GenerateSamples(L.Callback):
