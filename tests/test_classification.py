@@ -290,3 +290,17 @@ def test_checkpoint_with_another_label_set_is_refused(make_cfg, labeled_dir: Pat
                          f"data.source.test_files={other}/test.jsonl", "splits=[test]"], config_name="eval")
     with pytest.raises(DataError, match=r"outside the checkpoint's label set .*'weather'"):
         evaluate(eval_cfg)
+
+
+def test_sweep_over_two_models_ranks_by_validation_accuracy(labeled_dir: Path, tmp_path: Path) -> None:
+    from test_sweeps import _cli, _summary
+
+    args = [o for o in cls_overrides(labeled_dir, "trainer.max_steps=10", "trainer.val_check_interval=5",
+                                     "test=false") if not o.startswith("model=")]
+    _cli(["-m", "model=bag_of_ngrams,textcnn", *args, f"paths.root_dir={tmp_path}", "hydra.sweep.dir=sweep"],
+         cwd=tmp_path)
+    rows = _summary(tmp_path / "sweep")
+    assert len(rows) == 2
+    values = [float(r["val/acc"]) for r in rows]
+    assert values == sorted(values, reverse=True), "best (highest) accuracy first"
+    assert {json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["mode"] for r in rows} == {"max"}

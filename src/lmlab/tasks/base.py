@@ -28,8 +28,8 @@ class TaskModule(L.LightningModule):
 
     #: data_info keys the network is built from, passed to the model when its constructor takes them
     network_inputs: tuple[str, ...] = ("vocab_size",)
-    #: data_info keys that must be the same in a checkpoint and the data it resumes or is evaluated on
-    fixed_by_checkpoint: tuple[str, ...] = ("vocab_size",)
+    #: data_info keys (besides the tokenizer) that must be the same in a checkpoint and the data it resumes on
+    fixed_by_checkpoint: tuple[str, ...] = ()
 
     def __init__(
         self,

@@ -36,7 +36,7 @@ class ClassificationTask(TaskModule):
     """
 
     network_inputs = ("vocab_size", "num_classes", "pad_id", "max_length")
-    fixed_by_checkpoint = ("labels", "vocab_size")
+    fixed_by_checkpoint = ("labels",)
 
     def __init__(
         self,
