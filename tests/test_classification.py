@@ -297,9 +297,10 @@ def test_sweep_over_two_models_ranks_by_validation_accuracy(labeled_dir: Path, t
 
     args = [o for o in cls_overrides(labeled_dir, "trainer.max_steps=10", "trainer.val_check_interval=5",
                                      "test=false") if not o.startswith("model=")]
-    _cli(["-m", "model=bag_of_ngrams,textcnn", *args, f"paths.root_dir={tmp_path}", "hydra.sweep.dir=sweep"],
+    sweep = tmp_path / "sweep"
+    _cli(["-m", "model=bag_of_ngrams,textcnn", *args, f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"],
          cwd=tmp_path)
-    rows = _summary(tmp_path / "sweep")
+    rows = _summary(sweep)
     assert len(rows) == 2
     values = [float(r["val/acc"]) for r in rows]
     assert values == sorted(values, reverse=True), "best (highest) accuracy first"
