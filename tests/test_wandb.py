@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +87,17 @@ def _items(items: Any) -> dict[str, Any]:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
-def _offline_run(output_dir: Path) -> OfflineRun:
+def _offline_run(output_dir: Path, settle_s: float = 10.0) -> OfflineRun:
+    """The run's records; the W&B service process may flush the last ones (the exit record) shortly after
+    ``wandb.finish()`` returns, so an unfinished run is read again for up to ``settle_s`` seconds."""
     runs = list((output_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline run under {output_dir / 'wandb'}, found {runs}"
-    return OfflineRun(runs[0])
+    deadline = time.monotonic() + settle_s
+    run = OfflineRun(runs[0])
+    while not run.finished and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run = OfflineRun(runs[0])
+    return run
 
 
 # -- tests -------------------------------------------------------------------------------------------
