@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -15,6 +15,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class TokenThroughput(L.Callback):
@@ -151,13 +154,16 @@ def _as_saved_between_batches(trainer: L.Trainer, validated: bool) -> Iterator[N
 class ConfusionMatrixLogger(L.Callback):
     """After each validation and test, hands the task's confusion matrix to every logger.
 
-    W&B gets an image and a table, TensorBoard a figure, and the CSV logger
-    ``confusion_matrix/{stage}_step{step}.csv`` (plus ``{stage}_latest.csv``). Reads
+    W&B gets an image and a long-format table (true, predicted, count), TensorBoard a figure, and the CSV
+    logger ``confusion_matrix/{stage}_step{step:06d}.csv`` plus ``{stage}_latest.csv``. Reads
     ``pl_module.confusion_matrices[stage]`` (rows: true class, columns: predicted) and ``pl_module.labels``.
+    Above ``max_classes_for_image`` classes an image is unreadable, so only the table and CSV are written.
     """
 
-    def __init__(self, normalize: bool = False, max_classes_for_image: int = 50) -> None:
+    def __init__(self, normalize: bool = False, max_classes_for_image: int = 50,
+                 stages: Sequence[str] = ("val", "test")) -> None:
         self.normalize, self.max_classes_for_image = normalize, max_classes_for_image
+        self.stages = tuple(stages)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -168,43 +174,58 @@ class ConfusionMatrixLogger(L.Callback):
 
     @rank_zero_only
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        matrix = getattr(pl_module, "confusion_matrices", {}).get(stage)
+        matrix = getattr(pl_module, "confusion_matrices", {}).get(stage) if stage in self.stages else None
         if matrix is None:
             return
-        labels = list(pl_module.labels)
+        matrix = matrix.detach().cpu()
+        labels = [str(label) for label in getattr(pl_module, "labels", None) or range(len(matrix))]
         step = trainer.global_step
         key = f"{stage}/confusion_matrix"
-        draw = len(labels) <= self.max_classes_for_image
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                rows = [[t, p, int(matrix[i, j])] for i, t in enumerate(labels) for j, p in enumerate(labels)]
-                record: dict[str, Any] = {f"{key}_table": wandb.Table(columns=["true", "predicted", "count"],
-                                                                     data=rows)}
-                if draw:
-                    record[key] = wandb.Image(self._figure(matrix, labels, stage, step))
-                logger.experiment.log({**record, "trainer/global_step": step})
-            elif isinstance(logger, TensorBoardLogger) and draw:
-                logger.experiment.add_figure(key, self._figure(matrix, labels, stage, step), step)
-            elif isinstance(logger, CSVLogger) and logger.log_dir:
-                folder = Path(logger.log_dir) / "confusion_matrix"
-                folder.mkdir(parents=True, exist_ok=True)
-                rows = [["true\\pred", *labels], *([label, *matrix[i].tolist()] for i, label in enumerate(labels))]
-                for name in (f"{stage}_step{step:06d}.csv", f"{stage}_latest.csv"):
-                    with (folder / name).open("w", newline="", encoding="utf-8") as f:
-                        csv.writer(f).writerows(rows)
-
-    def _figure(self, matrix: torch.Tensor, labels: list[str], stage: str, step: int) -> Any:
-        return confusion_matrix_figure(matrix, labels, f"{stage} confusion matrix, step {step}", self.normalize)
+        fig: Figure | None = None
+        if len(labels) <= self.max_classes_for_image and any(
+                isinstance(logger, WandbLogger | TensorBoardLogger) for logger in trainer.loggers):
+            fig = confusion_matrix_figure(matrix, labels, f"{stage} confusion matrix, step {step}", self.normalize)
+        try:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    _log_wandb(logger, key, matrix, labels, fig, step)
+                elif isinstance(logger, TensorBoardLogger):
+                    if fig is not None:
+                        logger.experiment.add_figure(key, fig, step)
+                elif isinstance(logger, CSVLogger) and logger.log_dir:
+                    _write_csv(Path(logger.log_dir) / "confusion_matrix", stage, step, matrix, labels)
+        finally:
+            if fig is not None:
+                fig.clear()
 
 
-def confusion_matrix_figure(matrix: torch.Tensor, labels: list[str], title: str, normalize: bool = False) -> Any:
+def _log_wandb(logger: WandbLogger, key: str, matrix: torch.Tensor, labels: list[str], fig: Figure | None,
+               step: int) -> None:
+    """Through ``log_metrics``, so the logger's prefix and step axis apply as to the task's metrics."""
+    import wandb
+
+    rows = [[t, p, int(matrix[i, j])] for i, t in enumerate(labels) for j, p in enumerate(labels)]
+    record: dict[str, Any] = {f"{key}_table": wandb.Table(columns=["true", "predicted", "count"], data=rows)}
+    if fig is not None:
+        record[key] = wandb.Image(fig)
+    logger.log_metrics(record, step=step)
+
+
+def _write_csv(folder: Path, stage: str, step: int, matrix: torch.Tensor, labels: list[str]) -> None:
+    """One file per evaluation for the history, and ``{stage}_latest.csv`` for scripts that want the last one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [["true\\pred", *labels], *([label, *matrix[i].tolist()] for i, label in enumerate(labels))]
+    for name in (f"{stage}_step{step:06d}.csv", f"{stage}_latest.csv"):
+        with (folder / name).open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
+
+
+def confusion_matrix_figure(matrix: torch.Tensor, labels: Sequence[str], title: str, normalize: bool = False) -> Figure:
     """A heatmap of counts (or row fractions) with class names on the axes, drawn without pyplot's global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    values = matrix.double()
+    values = matrix.detach().cpu().double()
     if normalize:
         values = values / values.sum(1, keepdim=True).clamp(min=1)
     size = max(4.0, 0.5 * len(labels) + 2)

@@ -7,6 +7,7 @@ example gets the same logits however much padding its batch adds.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.models.embeddings import make_embedding
-from lmlab.models.gpt import Block
-
-_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+from lmlab.models.attention import Block, sinusoidal_positions
+from lmlab.models.embeddings import embedding_settings, make_embedding
+from lmlab.models.recurrent import RecurrentEncoder
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> str:
@@ -40,48 +40,25 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-class RecurrentEncoder(nn.Module):
-    """A (bidirectional) LSTM or GRU over packed sequences: padding is never fed to the cell.
-
-    Returns per-token outputs ``(B, T, hidden * directions)`` (zero at padding) and the final
-    hidden state ``(layers * directions, B, hidden)``.
-    """
-
-    def __init__(self, input_size: int, hidden_size: int, n_layer: int = 1, cell: str = "lstm",
-                 bidirectional: bool = True, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.rnn = _CELLS[_choice("model.cell", cell, tuple(_CELLS))](
-            input_size, hidden_size, num_layers=n_layer, bidirectional=bidirectional, batch_first=True,
-            dropout=dropout if n_layer > 1 else 0.0,
-        )
-        self.output_size = hidden_size * (2 if bidirectional else 1)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, state = self.rnn(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
-        return out, state[0] if isinstance(state, tuple) else state
-
-
 class RNNClassifier(nn.Module):
-    """Embedding -> bidirectional LSTM/GRU -> max, mean or last-state pooling -> linear."""
+    """Embedding -> (bidirectional) LSTM/GRU over packed sequences -> max, mean or last-state pooling -> linear."""
 
     def __init__(self, vocab_size: int, num_classes: int, pad_id: int, cell: str = "lstm",
-                 embedding: dict[str, Any] | None = None, hidden_size: int = 256, n_layer: int = 1,
+                 embedding: Mapping[str, Any] | None = None, hidden_size: int = 256, n_layer: int = 1,
                  bidirectional: bool = True, pooling: str = "max", dropout: float = 0.5) -> None:
         super().__init__()
         self.pooling = _choice("model.pooling", pooling, ("max", "mean", "last"))
-        self.embedding = make_embedding(vocab_size, pad_id, **_embedding(embedding))
+        self.embedding = make_embedding(vocab_size, pad_id, **embedding_settings(embedding))
         self.drop = nn.Dropout(dropout)
         self.encoder = RecurrentEncoder(self.embedding.embedding_dim, hidden_size, n_layer, cell, bidirectional,
                                         dropout)
-        self.directions = 2 if bidirectional else 1
         self.head = nn.Linear(self.encoder.output_size, num_classes)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        out, h_n = self.encoder(self.drop(self.embedding(ids)), lengths)
-        if self.pooling == "last":  # the top layer's final state in each direction
-            pooled = torch.cat(list(h_n[-self.directions :]), dim=-1)
+        out, state = self.encoder(self.drop(self.embedding(ids)), lengths)
+        if self.pooling == "last":  # the top layer's final state in each direction (h_n, not an LSTM's c_n)
+            h_n = state[0] if isinstance(state, tuple) else state
+            pooled = torch.cat(list(h_n[-self.encoder.directions :]), dim=-1)
         else:
             pooled = masked_pool(out, valid_mask(lengths, out.size(1)), self.pooling)
         return self.head(self.drop(pooled))
@@ -90,13 +67,13 @@ class RNNClassifier(nn.Module):
 class TextCNN(nn.Module):
     """Kim (2014): convolutions of several widths over word embeddings, max over time, linear."""
 
-    def __init__(self, vocab_size: int, num_classes: int, pad_id: int, embedding: dict[str, Any] | None = None,
+    def __init__(self, vocab_size: int, num_classes: int, pad_id: int, embedding: Mapping[str, Any] | None = None,
                  kernel_sizes: list[int] | tuple[int, ...] = (3, 4, 5), n_filters: int = 100,
                  dropout: float = 0.5) -> None:
         super().__init__()
         if not kernel_sizes or min(kernel_sizes) < 1:
             raise ConfigError(f"model.kernel_sizes must be positive widths, got {list(kernel_sizes)}.")
-        self.embedding = make_embedding(vocab_size, pad_id, **_embedding(embedding))
+        self.embedding = make_embedding(vocab_size, pad_id, **embedding_settings(embedding))
         self.kernel_sizes = list(kernel_sizes)
         self.convs = nn.ModuleList(nn.Conv1d(self.embedding.embedding_dim, n_filters, k) for k in self.kernel_sizes)
         self.drop = nn.Dropout(dropout)
@@ -119,18 +96,12 @@ class TextCNN(nn.Module):
         return self.head(self.drop(torch.cat(pooled, dim=1)))
 
 
-def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:
-    """The fixed sine/cosine position table of Vaswani et al. (2017), ``(n, dim)``."""
-    position = torch.arange(n, dtype=torch.float)[:, None]
-    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float) * (-math.log(10000.0) / dim))
-    table = torch.zeros(n, dim)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
-    return table
-
-
 class TransformerClassifier(nn.Module):
-    """A BERT-like pre-LN Transformer encoder with padding masks, pooled at a learned [CLS] vector or by mean."""
+    """A BERT-like pre-LN Transformer encoder with padding masks, pooled at a learned [CLS] vector or by mean.
+
+    The [CLS] vector is a parameter put in front of every text rather than a tokenizer token, so any
+    tokenizer works; it takes one position, so learned positions have ``max_length + 1`` slots.
+    """
 
     def __init__(self, vocab_size: int, num_classes: int, pad_id: int, max_length: int, n_layer: int = 2,
                  n_head: int = 4, n_embd: int = 128, positions: str = "learned", pooling: str = "cls",
@@ -139,64 +110,83 @@ class TransformerClassifier(nn.Module):
         if n_embd % n_head:
             raise ConfigError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head}).")
         self.pooling = _choice("model.pooling", pooling, ("cls", "mean"))
-        n_positions = max_length + 1  # room for the [CLS] vector
-        self.embedding = nn.Embedding(vocab_size, n_embd, padding_idx=pad_id)
+        self.max_length = max_length
+        n_positions = max_length + (self.pooling == "cls")
+        self.embedding = make_embedding(vocab_size, pad_id, n_embd)
         if _choice("model.positions", positions, ("learned", "sinusoidal")) == "learned":
             self.positions = nn.Parameter(torch.randn(n_positions, n_embd) * 0.02)
-        else:
+            self.embed_scale = 1.0
+            nn.init.normal_(self.embedding.weight, std=0.02)
+        else:  # Vaswani et al.: token vectors scaled up to the unit size of the sine/cosine codes
             self.register_buffer("positions", sinusoidal_positions(n_positions, n_embd), persistent=False)
-        self.cls = nn.Parameter(torch.randn(n_embd) * 0.02)
+            self.embed_scale = math.sqrt(n_embd)
+            nn.init.normal_(self.embedding.weight, std=n_embd**-0.5)
+        if self.pooling == "cls":
+            self.cls = nn.Parameter(torch.randn(n_embd) * 0.02)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias, causal=False) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.head = nn.Linear(n_embd, num_classes)
-        nn.init.normal_(self.embedding.weight, std=0.02)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        B, T = ids.shape
-        if T + 1 > self.positions.size(0):
-            raise ValueError(f"Sequence of {T} tokens exceeds max_length {self.positions.size(0) - 1}.")
-        x = torch.cat([self.cls.expand(B, 1, -1), self.embedding(ids)], dim=1) + self.positions[: T + 1]
-        mask = valid_mask(lengths + 1, T + 1)
-        x = self.drop(x)
+        if ids.size(1) > self.max_length:
+            raise ValueError(f"Sequence of {ids.size(1)} tokens exceeds max_length {self.max_length}.")
+        x = self.embedding(ids) * self.embed_scale
+        if self.pooling == "cls":
+            x = torch.cat([self.cls.expand(x.size(0), 1, -1), x], dim=1)
+            lengths = lengths + 1
+        T = x.size(1)
+        mask = valid_mask(lengths, T)
+        x = self.drop(x + self.positions[:T])
         for block in self.blocks:
             x, _ = block(x, key_mask=mask)
         x = self.ln_f(x)
-        pooled = x[:, 0] if self.pooling == "cls" else masked_pool(x[:, 1:], mask[:, 1:], "mean")
+        pooled = x[:, 0] if self.pooling == "cls" else masked_pool(x, mask, "mean")
         return self.head(self.drop(pooled))
 
 
 class BagOfNGrams(nn.Module):
-    """fastText-style: the mean of word and hashed n-gram embeddings, then a linear layer."""
+    """fastText-style (Joulin et al. 2017): the mean of word and hashed n-gram embeddings, then a linear layer.
 
-    PRIMES = (1, 1_000_003, 998_244_353)  # n-gram ids: position-weighted sums, so order matters
+    N-grams of 2 .. ``ngrams`` tokens share one table of ``buckets`` rows, indexed by a hash of their ids,
+    so word order counts locally without a vocabulary of n-grams.
+    """
 
-    def __init__(self, vocab_size: int, num_classes: int, pad_id: int, embedding: dict[str, Any] | None = None,
+    BASE, MODULUS = 1_000_003, 2**31 - 1  # the polynomial hash stays far inside int64
+
+    def __init__(self, vocab_size: int, num_classes: int, pad_id: int, embedding: Mapping[str, Any] | None = None,
                  ngrams: int = 2, buckets: int = 200_000, dropout: float = 0.0) -> None:
         super().__init__()
-        if not 1 <= ngrams <= len(self.PRIMES):
-            raise ConfigError(f"model.ngrams must be between 1 and {len(self.PRIMES)}, got {ngrams}.")
+        if ngrams < 1:
+            raise ConfigError(f"model.ngrams must be at least 1 (1 = bag of words), got {ngrams}.")
+        if ngrams > 1 and buckets < 1:
+            raise ConfigError(f"model.buckets must be positive, got {buckets}.")
         self.ngrams, self.buckets = ngrams, buckets
-        self.embedding = make_embedding(vocab_size, pad_id, **_embedding(embedding))
-        self.ngram_embedding = nn.Embedding(buckets, self.embedding.embedding_dim) if ngrams > 1 else None
+        self.embedding = make_embedding(vocab_size, pad_id, **embedding_settings(embedding, default_dim=64))
+        dim = self.embedding.embedding_dim
+        self.ngram_embedding = nn.Embedding(buckets, dim) if ngrams > 1 else None
+        for table in (self.embedding, self.ngram_embedding):
+            if table is not None:  # small vectors, as fastText: the mean of many stays near zero at first
+                nn.init.uniform_(table.weight, -1 / dim, 1 / dim)
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(self.embedding.embedding_dim, num_classes)
+        self.head = nn.Linear(dim, num_classes)
 
     def ngram_ids(self, ids: torch.Tensor, n: int) -> torch.Tensor:
-        """Bucket of each n-gram starting at positions ``0 .. T - n``: ``(B, T - n + 1)``."""
-        T = ids.size(1)
-        h = sum(ids[:, i : T - n + 1 + i].long() * self.PRIMES[i] for i in range(n))
+        """Bucket of each n-gram starting at positions ``0 .. T - n``, ``(B, T - n + 1)``: a polynomial hash of
+        its ids seeded with ``n``, pure integer arithmetic, so it is the same in every run and on every machine."""
+        width = ids.size(1) - n + 1
+        h = torch.full((ids.size(0), width), n, dtype=torch.long, device=ids.device)
+        for i in range(n):
+            h = (h * self.BASE + ids[:, i : i + width]) % self.MODULUS
         return h % self.buckets
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = valid_mask(lengths, ids.size(1))
         total = (self.embedding(ids) * mask[..., None]).sum(1)
         count = lengths.to(total.dtype)
-        for n in range(2, self.ngrams + 1):
-            if ids.size(1) < n:
-                break
+        for n in range(2, min(self.ngrams, ids.size(1)) + 1):
             grams = self.ngram_ids(ids, n)
-            valid = valid_mask(lengths - n + 1, grams.size(1))
+            valid = valid_mask(lengths - n + 1, grams.size(1))  # n-grams that end inside the text
             total = total + (self.ngram_embedding(grams) * valid[..., None]).sum(1)
             count = count + valid.sum(1)
         return self.head(self.drop(total / count.clamp(min=1)[:, None]))
@@ -212,32 +202,37 @@ class HFEncoderClassifier(nn.Module):
         try:
             from transformers import AutoModel
         except ImportError:
-            raise ConfigError("model=hf_encoder needs transformers: pip install 'lmlab[hf]'.") from None
+            raise ConfigError("model=hf_encoder needs transformers: pip install transformers "
+                              "(or pip install 'lmlab[hf]').") from None
         local = Path(name_or_path).expanduser()
-        if name_or_path.startswith((".", "/", "~")) and not local.is_dir():
+        if not local.exists() and name_or_path.startswith((".", "/", "~")):
             raise ConfigError(f"model.name_or_path: no folder at '{local}'. Point it at a folder saved with "
                               "save_pretrained, or give a Hugging Face hub name.")
         try:
-            self.encoder = AutoModel.from_pretrained(str(local) if local.is_dir() else name_or_path)
-        except OSError as err:
-            raise ConfigError(f"model.name_or_path: could not load '{name_or_path}' ({err}). Offline? Point "
-                              "model.name_or_path at a local folder with the model's config and weights.") from None
+            self.encoder = AutoModel.from_pretrained(str(local) if local.exists() else name_or_path)
+        except (OSError, ValueError) as err:
+            reason = " ".join(str(err).split())  # on one line
+            if local.exists():
+                raise ConfigError(f"model.name_or_path: '{local}' holds no loadable model ({reason}). It needs the "
+                                  "config.json and weights that save_pretrained writes.") from None
+            raise ConfigError(f"model.name_or_path: could not load '{name_or_path}' from the Hugging Face hub "
+                              f"({reason}). Offline? Point model.name_or_path at a local folder with the model's "
+                              "config and weights.") from None
+        self.freeze_encoder = freeze_encoder
         self.encoder.requires_grad_(not freeze_encoder)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.config.hidden_size, num_classes)
 
+    def train(self, mode: bool = True) -> HFEncoderClassifier:
+        """A frozen encoder stays in eval mode: its dropout would only add noise to fixed features."""
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
+
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = valid_mask(lengths, ids.size(1))
+        # padding becomes id 0 so a pad id outside the encoder's vocabulary cannot index past its table
         hidden = self.encoder(input_ids=ids.masked_fill(~mask, 0), attention_mask=mask.long()).last_hidden_state
         pooled = hidden[:, 0] if self.pooling == "cls" else masked_pool(hidden, mask, "mean")
         return self.head(self.drop(pooled))
-
-
-def _embedding(config: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``model.embedding`` settings: ``dim``, ``pretrained_path``, ``freeze``."""
-    config = dict(config or {})
-    unknown = set(config) - {"dim", "pretrained_path", "freeze"}
-    if unknown:
-        raise ConfigError(f"Unknown key(s) model.embedding.{sorted(unknown)[0]}; valid: dim, pretrained_path, freeze.")
-    return {"dim": config.get("dim", 128), "pretrained_path": config.get("pretrained_path"),
-            "freeze": bool(config.get("freeze", False))}

@@ -5,77 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.attention import KV, Block
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with fused SDPA: causal with a KV cache (decoders), or bidirectional with
-    a key padding mask (encoders)."""
-
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, causal: bool = True) -> None:
-        super().__init__()
-        self.n_head, self.causal = n_head, causal
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
-        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.dropout = dropout
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,
-        key_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``key_mask`` (B, T), True at real tokens, keeps a bidirectional layer from attending to padding."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        past_len = k.size(2) - T
-        mask = None
-        if not self.causal:
-            mask = key_mask[:, None, None, :] if key_mask is not None else None
-        elif past_len > 0 and T > 1:  # new queries see all cached keys and the causal part of their own
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past_len)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal and past_len == 0 and T > 1,
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y)), (k, v)
-
-
-class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
-        super().__init__()
-        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm Transformer block, shared by the GPT decoder and the classification encoder."""
-
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, causal: bool = True) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = SelfAttention(n_embd, n_head, dropout, bias, causal)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
-
-    def forward(self, x: torch.Tensor, past=None, key_mask: torch.Tensor | None = None):
-        a, present = self.attn(self.ln_1(x), past, key_mask)
-        x = x + a
-        return x + self.mlp(self.ln_2(x)), present
+KVCache = list[KV]
 
 
 class GPT(nn.Module):
