@@ -21,18 +21,22 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-# Fast settings for a training run in tests: tiny model, few steps, no rich output.
-FAST = [
-    "trainer.max_steps=20",
-    "trainer.val_check_interval=10",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
+# A training run in tests prints no progress bars, summaries or config and skips the sanity check.
+QUIET = [
     "trainer.num_sanity_val_steps=0",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "callbacks.rich_progress_bar=null",
     "callbacks.rich_model_summary=null",
     "print_config=false",
+]
+# Fast settings for a language-modeling run in tests: tiny model, few steps.
+FAST = [
+    "trainer.max_steps=20",
+    "trainer.val_check_interval=10",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    *QUIET,
     "data.block_size=32",
     "data.batch_size=8",
     "model.n_layer=1",
@@ -127,12 +131,7 @@ def cls_overrides(folder: Path, *extra: str) -> list[str]:
         "data.max_length=40",
         "trainer.max_steps=60",
         "trainer.val_check_interval=30",
-        "trainer.num_sanity_val_steps=0",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "callbacks.rich_progress_bar=null",
-        "callbacks.rich_model_summary=null",
-        "print_config=false",
+        *QUIET,
         "optimizer.lr=3e-3",
         "scheduler.warmup_steps=5",
         *extra,

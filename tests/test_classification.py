@@ -305,3 +305,11 @@ def test_sweep_over_two_models_ranks_by_validation_accuracy(labeled_dir: Path, t
     values = [float(r["val/acc"]) for r in rows]
     assert values == sorted(values, reverse=True), "best (highest) accuracy first"
     assert {json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["mode"] for r in rows} == {"max"}
+
+
+def test_hub_data_set_that_cannot_load_names_the_offline_alternative(tmp_path: Path) -> None:
+    from lmlab.data.tables import HubTable
+
+    source = HubTable(str(tmp_path / "no-such-dataset"), {"text": "text", "label": "label"})
+    with pytest.raises(DataError, match=r"Could not load '.*no-such-dataset'.*data=labeled_files"):
+        source.load()

@@ -100,3 +100,18 @@ def load_table(path: Path, columns: Sequence[str], key: str) -> Any:
         raise DataError(f"'{path}' has no rows.")
     return table
 
+
+
+def load_hub_dataset(path: str, name: str | None, revision: str | None, offline_hint: str,
+                     data_files: Any = None) -> Any:
+    """``datasets.load_dataset(path, name)``: every split of a hub data set (or of local files through a
+    builder such as ``parquet``); a failure names the data set and what to use offline."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(path, name, data_files=data_files, revision=revision)
+    except Exception as err:  # the hub client and builders raise many kinds of errors
+        raise DataError(
+            f"Could not load '{path}' from the Hugging Face hub ({type(err).__name__}: {err}). Offline? {offline_hint}"
+        ) from None

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.files import file_signature, load_table, resolve_files
+from lmlab.data.files import file_signature, load_hub_dataset, load_table, resolve_files
 from lmlab.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -114,16 +114,8 @@ class HubTable(TableSource):
         self.data_files = data_files
 
     def load_splits(self) -> dict[str, SplitTable]:
-        import datasets
-
-        datasets.disable_progress_bars()
-        try:
-            data = datasets.load_dataset(self.path, self.name, data_files=self.data_files, revision=self.revision)
-        except Exception as err:  # the hub client and builders raise many kinds of errors
-            raise DataError(
-                f"Could not load '{self.path}' from the Hugging Face hub ({type(err).__name__}: {err}). "
-                "Offline? Use data=text_files with data.source.train_files=<local json/jsonl/csv/parquet files>."
-            ) from None
+        data = load_hub_dataset(self.path, self.name, self.revision, data_files=self.data_files, offline_hint=(
+            "Use data=labeled_files with data.source.train_files=<local json/jsonl/csv/parquet files>."))
         out: dict[str, SplitTable] = {}
         for split, hub_split in self.splits.items():
             if hub_split not in data:

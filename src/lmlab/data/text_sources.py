@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lmlab.data.files import file_signature, read_column, resolve_files
+from lmlab.data.files import file_signature, load_hub_dataset, read_column, resolve_files
 from lmlab.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -80,15 +80,8 @@ class HubText(TextSource):
         self.val_fraction, self.test_fraction, self.revision = val_fraction, test_fraction, revision
 
     def load(self) -> dict[str, str]:
-        import datasets
-
-        try:
-            data = datasets.load_dataset(self.path, self.name, revision=self.revision)
-        except Exception as err:
-            raise DataError(
-                f"Could not load '{self.path}' from the Hugging Face hub ({type(err).__name__}: {err}). "
-                "Offline? Use data=text_files with data.source.train_files=<local files>."
-            ) from None
+        data = load_hub_dataset(self.path, self.name, self.revision,
+                                offline_hint="Use data=text_files with data.source.train_files=<local files>.")
         out: dict[str, str] = {}
         for split, hub_split in self.splits.items():
             if hub_split not in data:
