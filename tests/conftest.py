@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -60,36 +60,48 @@ def learnable_text(tmp_path: Path) -> Path:
     return path
 
 
+def compose_cfg(
+    root: Path, overrides: Sequence[str] = (), config_name: str = "train", run_dir: Path | None = None
+) -> DictConfig:
+    """Compose a config as the CLI would, with Hydra's runtime set so ``${hydra:...}`` resolves, and every
+    output (logs, cache) under ``root``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            config_name=config_name, overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True
+        )
+    out = Path(run_dir or root / "run")
+    out.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.runtime.cwd = str(root)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
-    """Compose a config as the CLI would, with Hydra's runtime set so ``${hydra:...}`` resolves.
+    """:func:`compose_cfg` under this test's ``tmp_path``."""
 
-    All outputs (logs, cache) go under ``tmp_path``.
-    """
-
-    def _make(overrides: list[str] = (), config_name: str = "train", run_dir: Path | None = None) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=[f"paths.root_dir={tmp_path}", *overrides],
-                          return_hydra_config=True)
-        out = Path(run_dir or tmp_path / "run")
-        out.mkdir(parents=True, exist_ok=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(out)
-            cfg.hydra.runtime.cwd = str(tmp_path)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        return cfg
+    def _make(overrides: Sequence[str] = (), config_name: str = "train", run_dir: Path | None = None) -> DictConfig:
+        return compose_cfg(tmp_path, overrides, config_name, run_dir)
 
     yield _make
     GlobalHydra.instance().clear()
 
 
 #: the words that give away each label of :func:`write_labeled`'s texts
-CUES = {"food": ["soup", "bread", "cheese"], "sports": ["goal", "match", "race"], "tech": ["chip", "code", "laptop"],
-        "weather": ["rain", "snow"], "neg": ["awful", "boring"], "pos": ["great", "lovely"]}
+CUES = {
+    "food": ["soup", "bread", "cheese"],
+    "sports": ["goal", "match", "race"],
+    "tech": ["chip", "code", "laptop"],
+    "weather": ["rain", "snow"],
+    "neg": ["awful", "boring"],
+    "pos": ["great", "lovely"],
+}
 
 
 def write_labeled(path: Path, n: int, seed: int, labels: tuple[str, ...] = ("food", "sports", "tech")) -> Path:
@@ -134,5 +146,74 @@ def cls_overrides(folder: Path, *extra: str) -> list[str]:
         *QUIET,
         "optimizer.lr=3e-3",
         "scheduler.warmup_steps=5",
+        *extra,
+    ]
+
+
+#: a toy "English -> German" lexicon: translating a sentence maps each word and reverses the order
+LEXICON = {
+    "one": "eins",
+    "two": "zwei",
+    "three": "drei",
+    "four": "vier",
+    "five": "fuenf",
+    "six": "sechs",
+    "red": "rot",
+    "blue": "blau",
+    "cat": "katze",
+    "dog": "hund",
+}
+
+
+def toy_translation(sentence: str) -> str:
+    return " ".join(LEXICON[w] for w in reversed(sentence.split()))
+
+
+def write_pairs(path: Path, n: int, seed: int, min_words: int = 2, max_words: int = 6) -> Path:
+    """A JSON-lines file of sentence pairs (columns ``en``, ``de``) of the toy transduction above."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = sorted(LEXICON)
+    rows = []
+    for _ in range(n):
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(min_words, max_words)))
+        rows.append(json.dumps({"en": sentence, "de": toy_translation(sentence)}))
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def write_pair_splits(folder: Path) -> Path:
+    """train/val/test JSON-lines files of the toy translation task in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", 2000, 0), ("val", 60, 1), ("test", 60, 2)):
+        write_pairs(folder / f"{split}.jsonl", n, seed)
+    return folder
+
+
+@pytest.fixture
+def pairs_dir(tmp_path: Path) -> Path:
+    return write_pair_splits(tmp_path / "pairs")
+
+
+def mt_overrides(folder: Path, *extra: str) -> list[str]:
+    """A fast offline translation run on :func:`pairs_dir`'s files with a tiny Transformer."""
+    return [
+        "task=translation",
+        "data=translation_files",
+        f"data.source.train_files={folder / 'train.jsonl'}",
+        f"data.source.val_files={folder / 'val.jsonl'}",
+        f"data.source.test_files={folder / 'test.jsonl'}",
+        "data.max_tokens=512",
+        "data.max_source_length=24",
+        "data.max_target_length=24",
+        "tokenizer.vocab_size=400",  # whole words: byte-level BPE keeps 258 ids for bytes and specials
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=20",
+        *QUIET,
+        "optimizer.lr=3e-3",
+        "scheduler=cosine",
+        "scheduler.warmup_steps=10",
         *extra,
     ]

@@ -15,7 +15,8 @@ import torch
 
 from conftest import CUES, cls_overrides, write_labeled
 from lmlab.checkpoint import load_task
-from lmlab.data.classification import BucketBatchSampler, ClassificationDataModule
+from lmlab.data.batching import BucketBatchSampler
+from lmlab.data.classification import ClassificationDataModule
 from lmlab.data.tables import TableFiles
 from lmlab.errors import CheckpointMismatchError, ConfigError, DataError
 from lmlab.evaluate import evaluate

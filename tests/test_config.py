@@ -28,11 +28,12 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from conftest import FAST, cls_overrides, write_labeled
+from conftest import FAST, cls_overrides, mt_overrides, write_labeled, write_pairs
 from lmlab.config import accepted_keys, config_dir, locate, validate_config
 from lmlab.data.classification import ClassificationDataModule
 from lmlab.data.tables import HubTable
 from lmlab.data.text_sources import HubText
+from lmlab.data.translation import TranslationDataModule
 from lmlab.errors import ConfigError
 from lmlab.runtime import instantiate_dict
 from lmlab.tasks.base import TaskModule
@@ -68,18 +69,25 @@ def _text_file(tmp_path: Path) -> Path:
 
 def _small_model(model: DictConfig) -> list[str]:
     """Overrides that shrink whatever kind of network ``model`` configures."""
-    sizes = {"n_embd": 32, "hidden_size": 32, "n_head": 2, "n_filters": 8}
+    sizes = {"n_embd": 32, "hidden_size": 32, "n_head": 2, "n_filters": 8, "embedding_dim": 32}
     return [f"model.{k}={v}" for k, v in sizes.items() if k in model]
 
 
 # -- every option of every group ----------------------------------------------------------------------
 # What a data module would decide, for building any task's network without data.
 DATA_INFO = {"vocab_size": 13, "pad_id": 0, "block_size": 16, "chars_per_token": {}, "num_classes": 3,
-             "labels": ["a", "b", "c"], "max_length": 16, "add_special_tokens": True, "label_counts": [4, 5, 6]}
+             "labels": ["a", "b", "c"], "max_length": 16, "add_special_tokens": True, "label_counts": [4, 5, 6],
+             "src_vocab_size": 13, "tgt_vocab_size": 13, "src_pad_id": 0, "tgt_pad_id": 0, "eos_id": 1,
+             "shared_vocabulary": True, "source_lang": "en", "target_lang": "de", "max_source_length": 16,
+             "max_target_length": 16}
 
 
 def _is_classifier(model: DictConfig) -> bool:
     return "num_classes" in (accepted_keys(locate(model._target_)) or {})
+
+
+def _is_seq2seq(model: DictConfig) -> bool:
+    return "tgt_vocab_size" in (accepted_keys(locate(model._target_)) or {})
 
 
 def _local_encoder(model: DictConfig) -> DictConfig:
@@ -94,8 +102,27 @@ def _check_network_output(net: torch.nn.Module, model: DictConfig) -> None:
     ids = torch.randint(1, DATA_INFO["vocab_size"], (2, 8))
     if _is_classifier(model):
         assert net(ids, torch.tensor([8, 5])).shape == (2, DATA_INFO["num_classes"])
+    elif _is_seq2seq(model):
+        assert net(ids, torch.tensor([8, 5]), ids[:, :6]).shape == (2, 6, DATA_INFO["tgt_vocab_size"])
     else:
         assert net(ids)[0].shape == (2, 8, DATA_INFO["vocab_size"])
+
+
+def _local_files(source: DictConfig, tmp_path: Path) -> list[str]:
+    """Local files for a data option whose files are left to the user (``???``)."""
+    if "train" in source and OmegaConf.is_missing(source.train, "source"):
+        pairs = [json.loads(line) for line in write_pairs(tmp_path / "p.jsonl", 64, 0).read_text().splitlines()]
+        for lang in ("en", "de"):
+            (tmp_path / f"train.{lang}").write_text("\n".join(p[lang] for p in pairs) + "\n", encoding="utf-8")
+        return [f"data.source.train.{role}={tmp_path / f'train.{lang}'}" for role, lang in (("source", "en"),
+                                                                                              ("target", "de"))]
+    if "train_files" not in source.keys() or not OmegaConf.is_missing(source, "train_files"):
+        return []
+    if "source" in source.get("columns", {}):
+        return [f"data.source.train_files={write_pairs(tmp_path / 'pairs.jsonl', 64, 0)}"]
+    if "columns" in source:
+        return [f"data.source.train_files={write_labeled(tmp_path / 'labeled.jsonl', 64, 0)}"]
+    return [f"data.source.train_files={_text_file(tmp_path)}"]
 
 
 def _check_task(cfg: DictConfig, option: str, tmp_path: Path) -> None:
@@ -141,8 +168,12 @@ def _check_data(cfg: DictConfig, option: str, tmp_path: Path) -> None:
         return
     datamodule.prepare_data()
     datamodule.setup("fit")
-    assert datamodule.data_info["vocab_size"] > 1
+    assert max(datamodule.data_info.get(k, 0) for k in ("vocab_size", "tgt_vocab_size")) > 1
     batch = next(iter(datamodule.train_dataloader()))
+    if isinstance(datamodule, TranslationDataModule):
+        assert batch.src.shape[0] == len(batch.references) and batch.tgt_in.shape == batch.tgt_out.shape
+        assert batch.src.numel() <= cfg.data.max_tokens and batch.tgt_in.numel() <= cfg.data.max_tokens
+        return
     if isinstance(datamodule, ClassificationDataModule):
         assert batch.ids.shape[0] <= cfg.data.batch_size and batch.ids.shape[1] == int(batch.lengths.max())
         assert set(batch.labels.tolist()) <= set(range(datamodule.data_info["num_classes"]))
@@ -289,10 +320,11 @@ def test_every_group_option_composes_validates_and_instantiates(
     assert check is not None, f"config group '{group}' has no instantiation check: add one to CHECKS"
     overrides = [f"{group}={option}"]
     cfg = make_cfg(overrides)
-    if isinstance(cfg.get("data"), DictConfig) and OmegaConf.is_missing(cfg.data.source, "train_files"):
-        labeled = "columns" in cfg.data.source
-        files = write_labeled(tmp_path / "labeled.jsonl", 64, 0) if labeled else _text_file(tmp_path)
-        cfg = make_cfg([*overrides, f"data.source.train_files={files}"])
+    if group == "data" and cfg.data._target_.endswith("TranslationDataModule"):
+        overrides = ["task=translation", *overrides]  # translation data needs a tokenizer with an end token
+        cfg = make_cfg(overrides)
+    if isinstance(cfg.get("data"), DictConfig):
+        cfg = make_cfg([*overrides, *_local_files(cfg.data.source, tmp_path)])
     validate_config(cfg)
     check(cfg, option, tmp_path)
 
@@ -408,8 +440,11 @@ def _walk(node: Any) -> list[Any]:
     return [node]
 
 
-def _offline_data(experiment: DictConfig, text: Path, labeled: Path) -> list[str]:
+def _offline_data(experiment: DictConfig, text: Path, labeled: Path, pairs: Path) -> list[str]:
     """Local data in place of an experiment's hub data set (the documented offline overrides)."""
+    if _is_seq2seq(experiment.model):
+        fast = [o for o in mt_overrides(pairs) if not o.startswith(("task=", "optimizer.", "scheduler"))]
+        return [*fast, *_small_model(experiment.model), "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
     if _is_classifier(experiment.model):
         tokenizer = []
         if "name_or_path" in experiment.model:
@@ -425,13 +460,13 @@ def _offline_data(experiment: DictConfig, text: Path, labeled: Path) -> list[str
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_text: Path, labeled_dir: Path,
-                                              tmp_path: Path) -> None:
+                                              pairs_dir: Path, tmp_path: Path) -> None:
     experiment = make_cfg([f"experiment={name}"])
     validate_config(experiment)
     # Offline and small: local data, a tiny network, CPU.
     overrides = [
         f"experiment={name}",
-        *_offline_data(experiment, learnable_text, labeled_dir),
+        *_offline_data(experiment, learnable_text, labeled_dir, pairs_dir),
         "data.num_workers=0",
         "data.pin_memory=false",
         "trainer.accelerator=cpu",
@@ -454,7 +489,9 @@ def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_tex
     assert saved["model"]["_target_"] == experiment.model._target_
     assert not any(isinstance(v, str) and "${" in v for v in _walk(saved))
     metrics = json.loads((tmp_path / "exp_run" / "metrics.json").read_text())["metrics"]
-    assert ("test/acc" if _is_classifier(experiment.model) else "test/ppl") in metrics
+    expected = "test/acc" if _is_classifier(experiment.model) else "test/bleu" if _is_seq2seq(experiment.model) \
+        else "test/ppl"
+    assert expected in metrics
 
 
 # -- debug presets ----------------------------------------------------------------------------------

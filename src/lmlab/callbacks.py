@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 class TokenThroughput(L.Callback):
     """Logs training throughput (``perf/tokens_per_sec``, ``perf/samples_per_sec``) over a window of steps.
 
-    Tokens are the input elements of each batch summed over all processes, so the number is the
+    Examples and tokens of a batch are what the task's ``batch_counts`` says (the input tensor's rows and
+    elements; a translation task's target tokens), summed over all processes, so the number is the
     whole job's rate. The first ``skip_first`` batches (compilation, warm-up) are not counted.
     """
 
@@ -32,8 +33,9 @@ class TokenThroughput(L.Callback):
         self._start: float | None = None
         self._tokens = self._samples = self._batches = 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._batches += 1
         if self._batches <= self.skip_first:
             return
@@ -43,15 +45,18 @@ class TokenThroughput(L.Callback):
             self._start = time.perf_counter()
             self._tokens = self._samples = 0
             return
-        inputs = batch[0] if isinstance(batch, list | tuple) else batch["input_ids"]
-        self._tokens += inputs.numel() * trainer.world_size
-        self._samples += inputs.size(0) * trainer.world_size
+        samples, tokens = pl_module.batch_counts(batch)
+        self._tokens += tokens * trainer.world_size
+        self._samples += samples * trainer.world_size
         if (self._batches - self.skip_first) % self.window == 0:
             if trainer.strategy.root_device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - self._start
-            pl_module.log_dict({"perf/tokens_per_sec": self._tokens / elapsed,
-                                "perf/samples_per_sec": self._samples / elapsed}, on_step=True, on_epoch=False)
+            pl_module.log_dict(
+                {"perf/tokens_per_sec": self._tokens / elapsed, "perf/samples_per_sec": self._samples / elapsed},
+                on_step=True,
+                on_epoch=False,
+            )
             self._start, self._tokens, self._samples = time.perf_counter(), 0, 0
 
 
@@ -64,8 +69,11 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
-                and not self._should_save_on_train_epoch_end(trainer)):
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and not self._should_save_on_train_epoch_end(trainer)
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
@@ -76,10 +84,18 @@ class GenerateSamples(L.Callback):
     Sampling uses its own seeded generator, so it never perturbs the training random stream.
     """
 
-    def __init__(self, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
-                 top_k: int | None = 50, top_p: float | None = None, seed: int = 0) -> None:
-        self.kwargs = dict(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed)
+    def __init__(
+        self,
+        prompt: str = "",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.kwargs = dict(
+            prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )
         self._rows: list[list[Any]] = []
 
     @rank_zero_only
@@ -160,8 +176,9 @@ class ConfusionMatrixLogger(L.Callback):
     Above ``max_classes_for_image`` classes an image is unreadable, so only the table and CSV are written.
     """
 
-    def __init__(self, normalize: bool = False, max_classes_for_image: int = 50,
-                 stages: Sequence[str] = ("val", "test")) -> None:
+    def __init__(
+        self, normalize: bool = False, max_classes_for_image: int = 50, stages: Sequence[str] = ("val", "test")
+    ) -> None:
         self.normalize, self.max_classes_for_image = normalize, max_classes_for_image
         self.stages = tuple(stages)
 
@@ -183,7 +200,8 @@ class ConfusionMatrixLogger(L.Callback):
         key = f"{stage}/confusion_matrix"
         fig: Figure | None = None
         if len(labels) <= self.max_classes_for_image and any(
-                isinstance(logger, WandbLogger | TensorBoardLogger) for logger in trainer.loggers):
+            isinstance(logger, WandbLogger | TensorBoardLogger) for logger in trainer.loggers
+        ):
             fig = confusion_matrix_figure(matrix, labels, f"{stage} confusion matrix, step {step}", self.normalize)
         try:
             for logger in trainer.loggers:
@@ -199,8 +217,9 @@ class ConfusionMatrixLogger(L.Callback):
                 fig.clear()
 
 
-def _log_wandb(logger: WandbLogger, key: str, matrix: torch.Tensor, labels: list[str], fig: Figure | None,
-               step: int) -> None:
+def _log_wandb(
+    logger: WandbLogger, key: str, matrix: torch.Tensor, labels: list[str], fig: Figure | None, step: int
+) -> None:
     """Through ``log_metrics``, so the logger's prefix and step axis apply as to the task's metrics."""
     import wandb
 
@@ -242,7 +261,13 @@ def confusion_matrix_figure(matrix: torch.Tensor, labels: Sequence[str], title: 
         for i in range(len(labels)):
             for j in range(len(labels)):
                 v = float(values[i, j])
-                ax.text(j, i, f"{v:.2f}" if normalize else f"{int(v)}", ha="center", va="center",
-                        color="white" if v > high / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}" if normalize else f"{int(v)}",
+                    ha="center",
+                    va="center",
+                    color="white" if v > high / 2 else "black",
+                )
     fig.tight_layout()
     return fig

@@ -44,3 +44,29 @@ def check_matches(ckpt_config: dict[str, Any], requested: dict[str, Any] | None,
         f"Checkpoint '{path}' was trained with a different {key} ({shown}). Drop the {key} overrides to use "
         f"the checkpoint's own settings, or point ckpt_path at a checkpoint trained with this {key}."
     )
+
+
+def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
+    """The last checkpoint with its weights replaced by the mean of every checkpoint's (floating-point
+    tensors; integer buffers are the last one's). Averaging the last few checkpoints of a translation run
+    usually gains a little BLEU at no training cost. All must come from the same task, tokenizer and
+    network shape."""
+    if len(paths) < 2:
+        raise ConfigError(f"Averaging needs at least two checkpoints, got {len(paths)}.")
+    checkpoints = [read_checkpoint(p) for p in paths]
+    last = checkpoints[-1]
+    reference = {k: (v.shape, v.dtype) for k, v in last["state_dict"].items()}
+    for path, ckpt in zip(paths, checkpoints, strict=True):
+        shapes = {k: (v.shape, v.dtype) for k, v in ckpt["state_dict"].items()}
+        if ckpt["lmlab"]["task"] != last["lmlab"]["task"] or shapes != reference:
+            raise CheckpointMismatchError(f"'{path}' holds another task or network shape than '{paths[-1]}'; "
+                                          "average checkpoints of one run.")
+        if ckpt["lmlab"]["tokenizer"] != last["lmlab"]["tokenizer"]:
+            raise CheckpointMismatchError(f"'{path}' was trained with another tokenizer than '{paths[-1]}'.")
+    averaged = {}
+    for key, value in last["state_dict"].items():
+        if value.is_floating_point():
+            averaged[key] = torch.stack([c["state_dict"][key].double() for c in checkpoints]).mean(0).to(value.dtype)
+        else:
+            averaged[key] = value
+    return {**last, "state_dict": averaged}

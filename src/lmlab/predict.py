@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TextIO
 
 import hydra
@@ -21,32 +17,20 @@ from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_task
 from lmlab.config import config_dir, validate_config
-from lmlab.data.files import read_text_file
-from lmlab.errors import ConfigError, DataError
+from lmlab.errors import ConfigError
 from lmlab.runtime import user_errors
+from lmlab.textio import open_output, read_input_lines
 
 log = logging.getLogger("lmlab")
 
 
 def read_texts(source: str | None) -> list[tuple[int, str]]:
     """``(line number, text)`` of every non-blank line of a file, or of stdin for ``None``/``-``."""
-    if source in (None, "-"):
-        try:
-            text = sys.stdin.read()
-        except UnicodeDecodeError as err:
-            raise DataError(f"stdin is not valid UTF-8 ({err.reason} at byte {err.start}).") from None
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise DataError(f"input: no file at '{path}'. Give a text file with one text per line, or '-' for stdin.")
-        text = read_text_file(path)
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1)]
+    lines = list(enumerate(read_input_lines(source), start=1))
     texts = [(n, line) for n, line in lines if line.strip()]
     blank = len(lines) - len(texts)
     if blank:
         log.warning("Skipped %d blank input line(s); each output line carries its input line number.", blank)
-    if not texts:
-        raise DataError(f"input: {source or 'stdin'} has no text to classify.")
     return texts
 
 
@@ -71,23 +55,11 @@ def write_jsonl(records: list[dict[str, Any]], out: TextIO) -> None:
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-@contextmanager
-def _open_output(target: str | None) -> Iterator[TextIO]:
-    """stdout for ``None``/``-``, else the file (its folder made if needed)."""
-    if target in (None, "-"):
-        yield sys.stdout
-        return
-    path = Path(target).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        yield out
-
-
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         records = predict(cfg)
-    with _open_output(cfg.output) as out:
+    with open_output(cfg.output) as out:
         write_jsonl(records, out)
 
 

@@ -12,14 +12,17 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
+DECAYS = ("cosine", "linear", "inverse_sqrt", "constant")
+
 
 class WarmupThenDecay:
-    """LR multiplier: linear warmup from 0 to 1, then ``cosine``/``linear`` decay to ``min_lr_ratio``, or
-    ``constant``."""
+    """LR multiplier: linear warmup from 0 to 1, then ``cosine``/``linear`` decay to ``min_lr_ratio``,
+    ``inverse_sqrt`` decay (``sqrt(warmup_steps / step)``, the Transformer schedule of Vaswani et al.,
+    floored at ``min_lr_ratio``), or ``constant``."""
 
     def __init__(self, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> None:
-        if decay not in {"cosine", "linear", "constant"}:
-            raise ValueError(f"unknown decay {decay!r}")
+        if decay not in DECAYS:
+            raise ValueError(f"scheduler.decay must be one of {', '.join(DECAYS)}, got {decay!r}")
         self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
         self.decay, self.min_lr_ratio = decay, min_lr_ratio
 
@@ -28,6 +31,8 @@ class WarmupThenDecay:
             return (step + 1) / (self.warmup_steps + 1)
         if self.decay == "constant":
             return 1.0
+        if self.decay == "inverse_sqrt":
+            return max(self.min_lr_ratio, math.sqrt(max(self.warmup_steps, 1) / max(step, 1)))
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress

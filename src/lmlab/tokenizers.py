@@ -208,6 +208,52 @@ class HFTokenizer(Tokenizer):
         }
 
 
+class TokenizerPair(Tokenizer):
+    """Source and target tokenizers of a translation model, one object so it is saved, cached and
+    checked against a checkpoint like any tokenizer. ``encode`` reads source text and ``decode`` writes
+    target text; with a joint vocabulary both sides are the same tokenizer."""
+
+    kind = "pair"
+
+    def __init__(self, source: Tokenizer, target: Tokenizer | None = None) -> None:
+        self.source, self.target = source, target or source
+        self.joint = target is None or target is source
+        for side, tokenizer in (("source", self.source), ("target", self.target)):
+            if tokenizer.eos_id is None or tokenizer.pad_id is None:
+                raise TokenizerError(
+                    f"The {side} tokenizer ({tokenizer.kind}) has no end-of-sentence or padding token, which "
+                    "translation needs. Use tokenizer=bpe or tokenizer=word, or set tokenizer.eos_token and "
+                    "tokenizer.pad_token for a pretrained tokenizer."
+                )
+        self.eos_id, self.pad_id = self.target.eos_id, self.target.pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target.vocab_size
+
+    def encode(self, text: str, strict: bool = False) -> list[int]:
+        return self.source.encode(text, strict)
+
+    def encode_batch(
+        self, texts: Sequence[str], max_length: int | None = None, add_special_tokens: bool = False
+    ) -> tuple[list[list[int]], int]:
+        return self.source.encode_batch(texts, max_length, add_special_tokens)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.target.decode(ids)
+
+    def vocabulary(self) -> list[str]:
+        return self.target.vocabulary()
+
+    def fingerprint(self) -> str:
+        """Changes when either side's mapping changes (each side's fingerprint leaves out where it was loaded from)."""
+        sides = f"{self.source.fingerprint()}:{self.target.fingerprint()}:{self.joint}"
+        return hashlib.sha256(sides.encode()).hexdigest()[:16]
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "source": self.source.state(), "target": None if self.joint else self.target.state()}
+
+
 def _line_chunks(texts: Iterable[str]) -> Iterator[list[str]]:
     """Cut texts at line ends into batches, so the Rust backend can encode them in parallel."""
     batch: list[str] = []
@@ -323,6 +369,9 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
             unk_token=state.get("unk_token"),
             source=state.get("source"),
         )
+    if kind == "pair":
+        source = tokenizer_from_state(state["source"])
+        return TokenizerPair(source, tokenizer_from_state(state["target"]) if state["target"] else None)
     raise TokenizerError(f"Unknown tokenizer kind {kind!r} in saved state.")
 
 

@@ -102,8 +102,13 @@ class TaskDataModule(L.LightningDataModule):
         """A DataLoader with its own generator: otherwise every pass over a loader (each epoch, each
         validation) draws from the global RNG, which a run resumed past that point would not repeat."""
         return DataLoader(
-            data, collate_fn=collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed), **kwargs,
+            data,
+            collate_fn=collate_fn,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+            **kwargs,
         )
 
     def has_split(self, split: str) -> bool:

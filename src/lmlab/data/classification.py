@@ -1,9 +1,8 @@
 """Text-classification data: labelled texts -> token ids and class indices (cached) -> padded batches.
 
-Training batches come from length buckets: each epoch the examples are shuffled, cut into pools
-of ``bucket_batches`` batches, sorted by length within a pool and cut into batches, whose order is
-shuffled again. Padding stays small while every example is still seen exactly once per epoch, and
-the order is a pure function of ``(seed, epoch)`` so a resumed run sees the same batches.
+Training batches come from length buckets (:class:`~lmlab.data.batching.BucketBatchSampler`): each
+epoch the examples are shuffled, cut into pools of ``bucket_batches`` batches, sorted by length within
+a pool and cut into batches, whose order is shuffled again.
 """
 
 from __future__ import annotations
@@ -11,15 +10,16 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
+from lmlab.data.batching import BucketBatchSampler, pad_batch
 from lmlab.data.tables import SplitTable, TableSource
 from lmlab.errors import DataError
 from lmlab.tokenizers import Tokenizer
@@ -34,15 +34,6 @@ class TextBatch(NamedTuple):
     ids: torch.Tensor  # (B, T) token ids, right-padded with the pad id
     lengths: torch.Tensor  # (B,) true lengths
     labels: torch.Tensor  # (B,) class indices
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id sequences to the longest one: ``(ids, lengths)``."""
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-    return ids, lengths
 
 
 def pad_id_of(tokenizer: Tokenizer) -> int:
@@ -88,83 +79,6 @@ def _as_batch(batch: TextBatch) -> TextBatch:
     return batch
 
 
-class EpochPermutation(Sampler[int]):
-    """A permutation of ``range(n)`` drawn from ``seed + epoch``; Lightning calls :meth:`set_epoch`."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed + self.epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(torch.randperm(self.n, generator=self.generator()).tolist())
-
-
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of similar length for this rank.
-
-    Training (``shuffle``): pools of ``bucket_batches * batch_size`` shuffled examples are sorted by
-    length and cut into batches, and the batches are shuffled; each rank takes every ``world``-th
-    batch, and all ranks take the same number. Evaluation: all examples longest first, cut into
-    batches, every ``world``-th for this rank.
-    """
-
-    def __init__(
-        self,
-        lengths: np.ndarray,
-        batch_size: int,
-        shuffle: bool,
-        seed: int = 0,
-        bucket_batches: int = 100,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
-        self.bucket_batches, self.rank, self.world_size = max(1, bucket_batches), rank, world_size
-        # Lightning sets the epoch on ``batch_sampler.sampler``
-        self.sampler = EpochPermutation(len(lengths), seed)
-        n_batches = -(-len(lengths) // batch_size)
-        self.per_rank = n_batches // world_size if shuffle else len(range(rank, n_batches, world_size))
-        self._skip: tuple[int, int] | None = None
-
-    def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Skip the first ``batches_done`` batches of ``epoch`` once."""
-        self._skip = (epoch, batches_done)
-
-    def batches(self) -> list[list[int]]:
-        """Every batch of this epoch, before sharding."""
-        if not self.shuffle:
-            order = np.argsort(-self.lengths, kind="stable")
-            return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
-        g = self.sampler.generator()
-        order = torch.randperm(len(self.lengths), generator=g).numpy()
-        pool = self.batch_size * self.bucket_batches
-        batches: list[list[int]] = []
-        for start in range(0, len(order), pool):
-            chunk = order[start : start + pool]
-            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches.extend(chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size))
-        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def __iter__(self) -> Iterator[list[int]]:
-        mine = self.batches()[self.rank :: self.world_size][: self.per_rank]
-        skip = 0
-        if self._skip is not None and self._skip[0] == self.sampler.epoch:
-            skip = self._skip[1]
-        self._skip = None
-        yield from mine[skip:]
-
-
 class ClassificationDataModule(TaskDataModule):
     """Labelled texts from a :class:`TableSource` (roles ``text`` and ``label``), tokenized once (cached).
 
@@ -192,16 +106,23 @@ class ClassificationDataModule(TaskDataModule):
             raise DataError(f"data.max_length must be positive, got {max_length}.")
         missing = {"text", "label"} - set(source.columns)
         if missing:
-            raise DataError(f"data.source.columns needs a column name for {sorted(missing)} "
-                            "(e.g. data.source.columns.text=review data.source.columns.label=sentiment).")
+            raise DataError(
+                f"data.source.columns needs a column name for {sorted(missing)} "
+                "(e.g. data.source.columns.text=review data.source.columns.label=sentiment)."
+            )
         self.source, self.max_length, self.bucket_batches = source, max_length, bucket_batches
         self.add_special_tokens = add_special_tokens
         self.fixed_labels = [str(label) for label in labels] if labels is not None else None
 
     # -- building the cache ---------------------------------------------------------------
     def cache_parts(self) -> dict[str, Any]:
-        return {"task": "classification", "source": self.source.fingerprint(), "max_length": self.max_length,
-                "special": self.add_special_tokens, "labels": self.fixed_labels}
+        return {
+            "task": "classification",
+            "source": self.source.fingerprint(),
+            "max_length": self.max_length,
+            "special": self.add_special_tokens,
+            "labels": self.fixed_labels,
+        }
 
     def build_cache(self, folder: Path) -> None:
         splits = self.source.load()
@@ -212,23 +133,35 @@ class ClassificationDataModule(TaskDataModule):
         meta: dict[str, Any] = {"labels": labels, "splits": {}}
         for name, table in splits.items():
             keep = [i for i, t in enumerate(texts[name]) if t.strip()]
-            targets = _label_indices([table.columns["label"][i] for i in keep], table, labels, name,
-                                     self.source.columns["label"], self.fixed_labels is not None)
-            ids, truncated = tokenizer.encode_batch([texts[name][i] for i in keep], self.max_length,
-                                                    self.add_special_tokens)
+            targets = _label_indices(
+                [table.columns["label"][i] for i in keep],
+                table,
+                labels,
+                name,
+                self.source.columns["label"],
+                self.fixed_labels is not None,
+            )
+            ids, truncated = tokenizer.encode_batch(
+                [texts[name][i] for i in keep], self.max_length, self.add_special_tokens
+            )
             nonempty = [i for i, seq in enumerate(ids) if seq]
             ids, targets = [ids[i] for i in nonempty], targets[nonempty]
             if not ids:
-                raise DataError(f"Every text of the {name} split ({table.origin}) is empty. "
-                                f"Check data.source.columns.text ('{self.source.columns['text']}').")
+                raise DataError(
+                    f"Every text of the {name} split ({table.origin}) is empty. "
+                    f"Check data.source.columns.text ('{self.source.columns['text']}')."
+                )
             dtype = np.uint16 if pad_id_of(tokenizer) < np.iinfo(np.uint16).max else np.int32
             np.save(folder / f"{name}.ids.npy", np.fromiter((t for s in ids for t in s), dtype=dtype))
             np.save(folder / f"{name}.offsets.npy", np.cumsum([0] + [len(s) for s in ids], dtype=np.int64))
             np.save(folder / f"{name}.labels.npy", targets)
             counts = np.bincount(targets, minlength=len(labels))
             meta["splits"][name] = {
-                "origin": table.origin, "examples": len(ids), "empty": len(table) - len(ids),
-                "truncated": truncated, "label_counts": counts.tolist(),
+                "origin": table.origin,
+                "examples": len(ids),
+                "empty": len(table) - len(ids),
+                "truncated": truncated,
+                "label_counts": counts.tolist(),
             }
         (folder / "tokenizer.json").write_text(json.dumps(tokenizer.state()))
         (folder / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -241,9 +174,14 @@ class ClassificationDataModule(TaskDataModule):
             if info["empty"]:
                 log.warning("%d empty text(s) in the %s split (%s) were left out.", info["empty"], name, info["origin"])
             if info["truncated"]:
-                log.warning("%d of %d %s texts were longer than data.max_length=%d tokens and were truncated; "
-                            "raise data.max_length to keep more of them.",
-                            info["truncated"], info["examples"], name, self.max_length)
+                log.warning(
+                    "%d of %d %s texts were longer than data.max_length=%d tokens and were truncated; "
+                    "raise data.max_length to keep more of them.",
+                    info["truncated"],
+                    info["examples"],
+                    name,
+                    self.max_length,
+                )
             self.datasets[name] = EncodedTexts(cache, name, pad_id_of(self.tokenizer))
 
     @property
@@ -256,17 +194,25 @@ class ClassificationDataModule(TaskDataModule):
         assert self.tokenizer is not None, "call setup() first"
         pad_id = pad_id_of(self.tokenizer)
         train = self.meta["splits"].get("train", {})
-        return {"vocab_size": max(self.tokenizer.vocab_size, pad_id + 1), "pad_id": pad_id,
-                "num_classes": len(self.labels), "labels": self.labels, "max_length": self.max_length,
-                "add_special_tokens": self.add_special_tokens, "label_counts": train.get("label_counts")}
+        return {
+            "vocab_size": max(self.tokenizer.vocab_size, pad_id + 1),
+            "pad_id": pad_id,
+            "num_classes": len(self.labels),
+            "labels": self.labels,
+            "max_length": self.max_length,
+            "add_special_tokens": self.add_special_tokens,
+            "label_counts": train.get("label_counts"),
+        }
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self.rank_world()
         data = self.datasets["train"]
         sampler = BucketBatchSampler(data.lengths, self.batch_size, True, self.seed, self.bucket_batches, rank, world)
         if sampler.per_rank < 1:
-            raise DataError(f"The train split has {len(data)} examples: too few for {world} processes at "
-                            f"data.batch_size={self.batch_size}. Lower data.batch_size.")
+            raise DataError(
+                f"The train split has {len(data)} examples: too few for {world} processes at "
+                f"data.batch_size={self.batch_size}. Lower data.batch_size."
+            )
         resume = self.take_resume()
         if resume is not None:
             sampler.resume_at(*resume)
@@ -274,8 +220,10 @@ class ClassificationDataModule(TaskDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
-            raise DataError(f"The data has no labelled {split} split. Give data.source.val_files / test_files, "
-                            "or set data.source.val_fraction to draw validation examples from the training split.")
+            raise DataError(
+                f"The data has no labelled {split} split. Give data.source.val_files / test_files, "
+                "or set data.source.val_fraction to draw validation examples from the training split."
+            )
         data = self.datasets[split]
         rank, world = self.rank_world()
         sampler = BucketBatchSampler(data.lengths, self.eval_batch_size, False, rank=rank, world_size=world)
@@ -319,8 +267,9 @@ def _label_names(train: SplitTable, column: str) -> list[str]:
     return [str(v) for v in sorted(present, key=int if numeric else str)]
 
 
-def _label_indices(values: Sequence[Any], table: SplitTable, labels: list[str], split: str, column: str,
-                   from_checkpoint: bool) -> np.ndarray:
+def _label_indices(
+    values: Sequence[Any], table: SplitTable, labels: list[str], split: str, column: str, from_checkpoint: bool
+) -> np.ndarray:
     """Class index of every label value; a value outside the label set is an error naming it."""
     names = table.class_names.get("label")
     index = {name: i for i, name in enumerate(labels)}
@@ -338,7 +287,10 @@ def _label_indices(values: Sequence[Any], table: SplitTable, labels: list[str], 
         raise DataError(
             f"The {split} split ({table.origin}) has label(s) outside {where} label set {labels}: {shown} "
             f"(column '{column}'). Fix or drop those rows"
-            + (", or evaluate a checkpoint trained on these labels." if from_checkpoint else
-               ", or add examples of them to the training data.")
+            + (
+                ", or evaluate a checkpoint trained on these labels."
+                if from_checkpoint
+                else ", or add examples of them to the training data."
+            )
         )
     return out

@@ -29,8 +29,10 @@ def resolve_files(patterns: str | Sequence[str] | None, key: str) -> list[Path]:
         matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:
-            raise DataError(f"{key}: no file matches '{pattern}'. Check the path (relative paths are resolved "
-                            f"from the directory you launched from: {Path.cwd()}).")
+            raise DataError(
+                f"{key}: no file matches '{pattern}'. Check the path (relative paths are resolved "
+                f"from the directory you launched from: {Path.cwd()})."
+            )
         files.extend(Path(m).resolve() for m in matches)
     return files
 
@@ -101,9 +103,9 @@ def load_table(path: Path, columns: Sequence[str], key: str) -> Any:
     return table
 
 
-
-def load_hub_dataset(path: str, name: str | None, revision: str | None, offline_hint: str,
-                     data_files: Any = None) -> Any:
+def load_hub_dataset(
+    path: str, name: str | None, revision: str | None, offline_hint: str, data_files: Any = None
+) -> Any:
     """``datasets.load_dataset(path, name)``: every split of a hub data set (or of local files through a
     builder such as ``parquet``); a failure names the data set and what to use offline."""
     import datasets

@@ -149,9 +149,12 @@ class LMDataModule(TaskDataModule):
     def data_info(self) -> dict[str, Any]:
         """Values the data decides, handed to the task to build its network."""
         assert self.tokenizer is not None, "call setup() first"
-        return {"vocab_size": self.tokenizer.vocab_size, "pad_id": self.tokenizer.pad_id,
-                "block_size": self.block_size,
-                "chars_per_token": self.chars_per_token()}
+        return {
+            "vocab_size": self.tokenizer.vocab_size,
+            "pad_id": self.tokenizer.pad_id,
+            "block_size": self.block_size,
+            "chars_per_token": self.chars_per_token(),
+        }
 
     def chars_per_token(self) -> dict[str, float]:
         return {s: i["chars"] / max(i["tokens"], 1) for s, i in self.meta.get("splits", {}).items()}

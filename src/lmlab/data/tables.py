@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmlab.data.files import file_signature, load_hub_dataset, load_table, resolve_files
+from lmlab.data.files import file_signature, load_hub_dataset, load_table, read_text_file, resolve_files
 from lmlab.errors import DataError
 
 SPLITS = ("train", "validation", "test")
@@ -54,8 +55,10 @@ class TableSource:
         """Every split there is; validation drawn from train when the data has none."""
         splits = self.load_splits()
         if "train" not in splits:
-            raise DataError("The data has no training split. Give training files (data.source.train_files) "
-                            "or map a hub split to train (data.source.splits.train).")
+            raise DataError(
+                "The data has no training split. Give training files (data.source.train_files) "
+                "or map a hub split to train (data.source.splits.train)."
+            )
         if "validation" not in splits and self.val_fraction > 0:
             splits["train"], splits["validation"] = self._draw_validation(splits["train"])
         return splits
@@ -64,23 +67,50 @@ class TableSource:
         n = len(train)
         n_val = int(round(n * self.val_fraction))
         if n_val < 1 or n_val >= n:
-            raise DataError(f"data.source.val_fraction={self.val_fraction} of {n} training rows leaves no "
-                            "validation or no training rows; change it or give validation files.")
+            raise DataError(
+                f"data.source.val_fraction={self.val_fraction} of {n} training rows leaves no "
+                "validation or no training rows; change it or give validation files."
+            )
         order = np.random.default_rng(self.split_seed).permutation(n)
         val, rest = np.sort(order[:n_val]), np.sort(order[n_val:])
         share = f"{self.val_fraction:.0%} of {train.origin}"
-        return (train.take(rest.tolist(), f"the rest of {train.origin}"),
-                train.take(val.tolist(), f"a random {share} (data.source.split_seed={self.split_seed})"))
+        return (
+            train.take(rest.tolist(), f"the rest of {train.origin}"),
+            train.take(val.tolist(), f"a random {share} (data.source.split_seed={self.split_seed})"),
+        )
 
     def check_columns(self, available: Sequence[str], where: str) -> None:
         """Every configured column must be there; the error names the role's key and the columns there are."""
         for role, column in self.columns.items():
-            if column not in available:
-                raise DataError(f"Column '{column}' is not in {where} (columns: {', '.join(available)}). "
-                                f"Set data.source.columns.{role} to the {role} column's name.")
+            if column not in available and column.split(".", 1)[0] not in available:
+                raise DataError(
+                    f"Column '{column}' is not in {where} (columns: {', '.join(available)}). "
+                    f"Set data.source.columns.{role} to the {role} column's name{_role_hint(role)}."
+                )
+
+    def column_values(self, table: Any, role: str, where: str) -> list[Any]:
+        """The values of a role's column; ``translation.de`` reads key ``de`` of a column of dicts (the
+        layout of the WMT and IWSLT data sets on the hub)."""
+        column = self.columns[role]
+        if column in table.column_names:
+            return list(table[column])
+        head, key = column.split(".", 1)
+        rows = table[head]
+        keys = sorted(rows[0]) if rows and isinstance(rows[0], dict) else []
+        if key not in keys:
+            raise DataError(
+                f"'{key}' is not a key of column '{head}' in {where} (keys: {', '.join(keys) or 'none'}). "
+                f"Set data.source.columns.{role}{_role_hint(role)} to one of them."
+            )
+        return [row[key] for row in rows]
 
     def _base_fingerprint(self) -> dict[str, Any]:
         return {"columns": self.columns, "val": self.val_fraction, "split_seed": self.split_seed}
+
+
+def _role_hint(role: str) -> str:
+    """Where a translation config sets a role's column: its language code."""
+    return {"source": " (data.source_lang)", "target": " (data.target_lang)"}.get(role, "")
 
 
 def _class_names(features: Any, columns: Mapping[str, str]) -> dict[str, list[str]]:
@@ -114,8 +144,16 @@ class HubTable(TableSource):
         self.data_files = data_files
 
     def load_splits(self) -> dict[str, SplitTable]:
-        data = load_hub_dataset(self.path, self.name, self.revision, data_files=self.data_files, offline_hint=(
-            "Use data=labeled_files with data.source.train_files=<local json/jsonl/csv/parquet files>."))
+        data = load_hub_dataset(
+            self.path,
+            self.name,
+            self.revision,
+            data_files=self.data_files,
+            offline_hint=(
+                f"Use data={'translation_files' if 'source' in self.columns else 'labeled_files'} with "
+                "data.source.train_files=<local json/jsonl/csv/parquet files>."
+            ),
+        )
         out: dict[str, SplitTable] = {}
         for split, hub_split in self.splits.items():
             if hub_split not in data:
@@ -123,13 +161,21 @@ class HubTable(TableSource):
             table = data[hub_split]
             where = f"{self.path}[{hub_split}]"
             self.check_columns(table.column_names, where)
-            out[split] = SplitTable({r: table[c] for r, c in self.columns.items()}, where,
-                                    _class_names(table.features, self.columns))
+            out[split] = SplitTable(
+                {r: table[c] for r, c in self.columns.items()}, where, _class_names(table.features, self.columns)
+            )
         return out
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"source": "hub", "path": self.path, "name": self.name, "splits": self.splits,
-                "data_files": self.data_files, "revision": self.revision, **self._base_fingerprint()}
+        return {
+            "source": "hub",
+            "path": self.path,
+            "name": self.name,
+            "splits": self.splits,
+            "data_files": self.data_files,
+            "revision": self.revision,
+            **self._base_fingerprint(),
+        }
 
 
 class TableFiles(TableSource):
@@ -164,13 +210,65 @@ class TableFiles(TableSource):
             for path in files:
                 table = load_table(path, [], key)
                 self.check_columns(table.column_names, f"'{path}'")
-                for role, column in self.columns.items():
-                    merged[role].extend(table[column])
+                for role in self.columns:
+                    merged[role].extend(self.column_values(table, role, f"'{path}'"))
                 names.update(_class_names(table.features, self.columns))
             origin = ", ".join(f"'{p}'" for p in files)
             out[split] = SplitTable(merged, origin, names)
         return out
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"source": "files", "files": {s: file_signature(f) for s, f in self.files.items()},
-                **self._base_fingerprint()}
+        return {
+            "source": "files",
+            "files": {s: file_signature(f) for s, f in self.files.items()},
+            **self._base_fingerprint(),
+        }
+
+
+class AlignedTextFiles(TableSource):
+    """Sentence pairs from two aligned plain-text files per split, one sentence per line (the layout of
+    most parallel corpora): ``{source: train.en, target: train.de}``. The files of a split must have the
+    same number of lines."""
+
+    def __init__(
+        self,
+        train: Mapping[str, str],
+        validation: Mapping[str, str] | None = None,
+        test: Mapping[str, str] | None = None,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__({"source": "source", "target": "target"}, val_fraction, split_seed)
+        self.files: dict[str, dict[str, Path]] = {}
+        for split, pair in (("train", train), ("validation", validation), ("test", test)):
+            if not pair:
+                continue
+            missing = {"source", "target"} - set(pair)
+            if missing:
+                raise DataError(
+                    f"data.source.{split} needs a file for {sorted(missing)}: "
+                    f"data.source.{split}={{source: <file>, target: <file>}}."
+                )
+            self.files[split] = {
+                role: resolve_files(str(pair[role]), f"data.source.{split}.{role}")[0] for role in ("source", "target")
+            }
+
+    def load_splits(self) -> dict[str, SplitTable]:
+        out: dict[str, SplitTable] = {}
+        for split, pair in self.files.items():
+            lines = {role: read_text_file(path).splitlines() for role, path in pair.items()}
+            if len(lines["source"]) != len(lines["target"]):
+                raise DataError(
+                    f"The {split} files are not aligned: '{pair['source']}' has {len(lines['source'])} lines and "
+                    f"'{pair['target']}' has {len(lines['target'])}. Line n of one must translate line n of the "
+                    "other; fix the files (keep empty lines as placeholders, they are skipped and counted)."
+                )
+            out[split] = SplitTable(lines, f"'{pair['source']}' / '{pair['target']}'")
+        return out
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "source": "aligned_text",
+            **self._base_fingerprint(),
+            "files": {s: file_signature([p["source"], p["target"]]) for s, p in self.files.items()},
+        }

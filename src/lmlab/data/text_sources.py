@@ -57,8 +57,12 @@ class PydocTopics(TextSource):
     def fingerprint(self) -> dict[str, Any]:
         import sys
 
-        return {"source": "pydoc_topics", "python": sys.version_info[:2], "val": self.val_fraction,
-                "test": self.test_fraction}
+        return {
+            "source": "pydoc_topics",
+            "python": sys.version_info[:2],
+            "val": self.val_fraction,
+            "test": self.test_fraction,
+        }
 
 
 class HubText(TextSource):
@@ -80,8 +84,12 @@ class HubText(TextSource):
         self.val_fraction, self.test_fraction, self.revision = val_fraction, test_fraction, revision
 
     def load(self) -> dict[str, str]:
-        data = load_hub_dataset(self.path, self.name, self.revision,
-                                offline_hint="Use data=text_files with data.source.train_files=<local files>.")
+        data = load_hub_dataset(
+            self.path,
+            self.name,
+            self.revision,
+            offline_hint="Use data=text_files with data.source.train_files=<local files>.",
+        )
         out: dict[str, str] = {}
         for split, hub_split in self.splits.items():
             if hub_split not in data:
@@ -95,9 +103,17 @@ class HubText(TextSource):
         return _fill_missing_splits(out, self.val_fraction, self.test_fraction, self.path)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"source": "hub", "path": self.path, "name": self.name, "column": self.text_column,
-                "splits": self.splits, "join": self.join_with, "val": self.val_fraction,
-                "test": self.test_fraction, "revision": self.revision}
+        return {
+            "source": "hub",
+            "path": self.path,
+            "name": self.name,
+            "column": self.text_column,
+            "splits": self.splits,
+            "join": self.join_with,
+            "val": self.val_fraction,
+            "test": self.test_fraction,
+            "revision": self.revision,
+        }
 
 
 class TextFiles(TextSource):
@@ -132,9 +148,14 @@ class TextFiles(TextSource):
         return _fill_missing_splits(out, self.val_fraction, self.test_fraction, "data.source.train_files")
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"source": "files", "files": {s: file_signature(f) for s, f in self.files.items()},
-                "column": self.text_column, "join": self.join_with, "val": self.val_fraction,
-                "test": self.test_fraction}
+        return {
+            "source": "files",
+            "files": {s: file_signature(f) for s, f in self.files.items()},
+            "column": self.text_column,
+            "join": self.join_with,
+            "val": self.val_fraction,
+            "test": self.test_fraction,
+        }
 
 
 def _fill_missing_splits(out: dict[str, str], val_fraction: float, test_fraction: float, where: str) -> dict[str, str]:

@@ -55,6 +55,11 @@ class TaskModule(L.LightningModule):
         decided = {k: data_info[k] for k in self.network_inputs if accepted is None or k in accepted}
         return instantiate(model, **decided)
 
+    def batch_counts(self, batch: Any) -> tuple[int, int]:
+        """``(examples, tokens)`` of a training batch, for throughput: the input tensor's rows and elements."""
+        inputs = batch[0] if isinstance(batch, list | tuple) else batch["input_ids"]
+        return inputs.size(0), inputs.numel()
+
     def datamodule_kwargs(self) -> dict[str, Any]:
         """What a data module needs to serve data the way this trained task expects (its tokenizer)."""
         return {"tokenizer": self.tokenizer}

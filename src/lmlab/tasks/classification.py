@@ -20,7 +20,8 @@ from torchmetrics.classification import (
 )
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from lmlab.data.classification import TextBatch, pad_batch
+from lmlab.data.batching import pad_batch
+from lmlab.data.classification import TextBatch
 from lmlab.errors import ConfigError, TokenizerError
 from lmlab.tasks.base import TaskModule
 

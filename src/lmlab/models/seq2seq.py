@@ -1,0 +1,337 @@
+"""Encoder-decoder networks for translation: a GRU/LSTM with attention and a pre-LN Transformer.
+
+Both offer the same three calls, so training and decoding need not know the architecture:
+
+- ``forward(src (B, S), src_lengths (B,), tgt_in (B, T)) -> logits (B, T, tgt_vocab_size)``, teacher forcing;
+- ``encode(src, src_lengths) -> memory``;
+- ``decode_step(tokens (B,), memory, state | None) -> (logits (B, tgt_vocab_size), state)``, one target
+  token per sentence per call (the first call feeds the begin token with ``state=None``).
+
+``src`` and ``tgt_in`` are right-padded; only the first ``src_lengths`` source tokens are read, and the
+decoder is causal, so a sentence's logits do not depend on the padding of its batch. ``memory`` and
+``state`` are nested dicts, lists and tuples whose tensors all have the batch as their first dimension:
+beam search copies and reorders them with one ``index_select(0, rows)`` over the whole container.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmlab.errors import ConfigError
+from lmlab.models.attention import KV, Block, DecoderBlock, sinusoidal_positions
+from lmlab.models.classifiers import valid_mask
+from lmlab.models.recurrent import CELLS, RecurrentEncoder
+
+Memory = dict[str, Any]
+State = Any
+
+
+def _check_choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(options)}, got '{value}'.")
+
+
+class Seq2SeqNetwork(nn.Module, ABC):
+    """What every translation network shares: the sizes and padding ids the data decides, and the source
+    and target embeddings, which are one matrix with ``share_embeddings`` (possible only when one joint
+    tokenizer makes an id mean the same token on both sides)."""
+
+    max_target_positions: int | None = None  # the longest target the decoder can read; None: no limit
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        src_pad_id: int,
+        tgt_pad_id: int,
+        shared_vocabulary: bool,
+        embedding_dim: int,
+        share_embeddings: bool,
+    ) -> None:
+        super().__init__()
+        if share_embeddings and not shared_vocabulary:
+            raise ConfigError(
+                "model.share_embeddings=true needs one vocabulary for source and target, but the data has two. "
+                "Set data.joint_vocabulary=true or model.share_embeddings=false."
+            )
+        self.tgt_vocab_size, self.src_pad_id, self.tgt_pad_id = tgt_vocab_size, src_pad_id, tgt_pad_id
+        # no padding_idx: padding is never read, and the begin token must stay trainable whatever the pad id
+        self.tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_dim)
+        self.src_embedding = self.tgt_embedding if share_embeddings else nn.Embedding(src_vocab_size, embedding_dim)
+
+    @abstractmethod
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
+        """What the decoder needs of the source, computed once per sentence."""
+
+    @abstractmethod
+    def decode_step(
+        self, tokens: torch.Tensor, memory: Memory, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """Logits ``(B, V)`` for the token after ``tokens (B,)``, and the state to continue from."""
+
+    @abstractmethod
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)`` at every target position at once (teacher forcing)."""
+
+
+# -- recurrent ------------------------------------------------------------------------------------------
+class AdditiveAttention(nn.Module):
+    """Bahdanau et al. (2015): ``score = v^T tanh(W_q q + W_k k)``. ``key`` applies ``W_k`` to the encoder
+    outputs once per sentence; each step adds only its query."""
+
+    def __init__(self, query_size: int, memory_size: int) -> None:
+        super().__init__()
+        self.key = nn.Linear(memory_size, query_size)
+        self.query = nn.Linear(query_size, query_size, bias=False)
+        self.v = nn.Linear(query_size, 1, bias=False)
+
+    def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return self.v(torch.tanh(self.query(query)[:, None] + keys)).squeeze(-1)
+
+
+class MultiplicativeAttention(nn.Module):
+    """Luong et al. (2015), "general": ``score = q^T W k``. ``key`` applies ``W`` to the encoder outputs once
+    per sentence; each step takes dot products with its query."""
+
+    def __init__(self, query_size: int, memory_size: int) -> None:
+        super().__init__()
+        self.key = nn.Linear(memory_size, query_size, bias=False)
+
+    def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(keys, query[:, :, None]).squeeze(-1)
+
+
+ATTENTIONS = {"additive": AdditiveAttention, "multiplicative": MultiplicativeAttention}
+
+
+class RecurrentSeq2Seq(Seq2SeqNetwork):
+    """GRU or LSTM encoder-decoder with attention and input feeding (Luong et al. 2015).
+
+    The encoder reads packed sequences, so padding never reaches it; a bridge (linear + tanh) maps its top
+    layer's final state to the decoder's initial state, whatever the depths and directions. Each decoder
+    step reads ``[embedding; previous attentional vector]``, attends over the encoder outputs with its top
+    hidden state ``h`` and gives the attentional vector ``tanh(W [context; h])``, which is dropped out and
+    projected to the vocabulary. With ``tie_output`` the attentional vector is ``embedding_dim`` wide, so
+    the output layer can be the target embedding matrix.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        src_pad_id: int,
+        tgt_pad_id: int,
+        shared_vocabulary: bool,
+        cell: str = "lstm",
+        attention: str = "multiplicative",
+        embedding_dim: int = 256,
+        hidden_size: int = 512,
+        encoder_layers: int = 2,
+        decoder_layers: int = 2,
+        bidirectional: bool = True,
+        dropout: float = 0.2,
+        tie_output: bool = False,
+        share_embeddings: bool = False,
+    ) -> None:
+        _check_choice("model.cell", cell, tuple(CELLS))
+        _check_choice("model.attention", attention, tuple(ATTENTIONS))
+        super().__init__(
+            src_vocab_size, tgt_vocab_size, src_pad_id, tgt_pad_id, shared_vocabulary, embedding_dim, share_embeddings
+        )
+        self.is_lstm = cell == "lstm"
+        self.state_keys = ("h", "c") if self.is_lstm else ("h",)
+        self.hidden_size, self.decoder_layers = hidden_size, decoder_layers
+        self.drop = nn.Dropout(dropout)
+        self.encoder = RecurrentEncoder(embedding_dim, hidden_size, encoder_layers, cell, bidirectional, dropout)
+        self.encoder_layers = encoder_layers
+        parts = len(self.state_keys)
+        self.bridge = nn.Linear(parts * self.encoder.output_size, parts * decoder_layers * hidden_size)
+        self.attentional_size = embedding_dim if tie_output else hidden_size
+        self.decoder = CELLS[cell](
+            embedding_dim + self.attentional_size,
+            hidden_size,
+            num_layers=decoder_layers,
+            batch_first=True,
+            dropout=dropout if decoder_layers > 1 else 0.0,
+        )
+        self.attention = ATTENTIONS[attention](hidden_size, self.encoder.output_size)
+        self.combine = nn.Linear(self.encoder.output_size + hidden_size, self.attentional_size, bias=False)
+        self.head = nn.Linear(self.attentional_size, tgt_vocab_size)
+        if tie_output:
+            self.head.weight = self.tgt_embedding.weight
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
+        """Encoder outputs ``values (B, S, D)``, their attention ``keys (B, S, hidden)``, the source ``mask
+        (B, S)`` and the decoder's ``initial`` state: ``h`` (and an LSTM's ``c``), each ``(B, layers, hidden)``."""
+        values, final = self.encoder(self.drop(self.src_embedding(src)), src_lengths)
+        B = src.size(0)
+        # the top layer's final h (and c), both directions joined: (B, parts * D)
+        top = [
+            part.view(self.encoder_layers, -1, B, self.hidden_size)[-1].transpose(0, 1).reshape(B, -1)
+            for part in (final if self.is_lstm else (final,))
+        ]
+        initial = torch.tanh(self.bridge(torch.cat(top, dim=-1))).view(B, -1, self.decoder_layers, self.hidden_size)
+        return {
+            "values": values,
+            "keys": self.attention.key(values),
+            "mask": valid_mask(src_lengths, src.size(1)),
+            "initial": {key: initial[:, i] for i, key in enumerate(self.state_keys)},
+        }
+
+    def _step(self, embedded: torch.Tensor, memory: Memory, state: State | None) -> tuple[torch.Tensor, State]:
+        """One decoder step from embedded tokens ``(B, E)``: the (dropped-out) attentional vector, and the state
+        ``{"h", "c" (LSTM), "feed"}`` with the hidden states as ``(B, layers, hidden)``."""
+        if state is None:
+            state = {**memory["initial"], "feed": embedded.new_zeros(embedded.size(0), self.attentional_size)}
+        hidden = tuple(state[key].transpose(0, 1).contiguous() for key in self.state_keys)  # the cell's layout
+        out, hidden = self.decoder(
+            torch.cat([embedded, state["feed"]], dim=-1)[:, None], hidden if self.is_lstm else hidden[0]
+        )
+        query = out[:, 0]
+        weights = self.attention.scores(query, memory["keys"]).masked_fill(~memory["mask"], float("-inf"))
+        context = torch.bmm(weights.softmax(dim=-1)[:, None], memory["values"]).squeeze(1)
+        attentional = self.drop(torch.tanh(self.combine(torch.cat([context, query], dim=-1))))
+        parts = hidden if self.is_lstm else (hidden,)
+        new_state = {key: part.transpose(0, 1) for key, part in zip(self.state_keys, parts, strict=True)}
+        return attentional, {**new_state, "feed": attentional}
+
+    def decode_step(
+        self, tokens: torch.Tensor, memory: Memory, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        attentional, state = self._step(self.drop(self.tgt_embedding(tokens)), memory, state)
+        return self.head(attentional), state
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        memory = self.encode(src, src_lengths)
+        embedded = self.drop(self.tgt_embedding(tgt_in))
+        state, outputs = None, []
+        for t in range(tgt_in.size(1)):  # input feeding makes every step wait for the previous one
+            attentional, state = self._step(embedded[:, t], memory, state)
+            outputs.append(attentional)
+        return self.head(torch.stack(outputs, dim=1))
+
+
+# -- Transformer ----------------------------------------------------------------------------------------
+class TransformerSeq2Seq(Seq2SeqNetwork):
+    """Pre-LayerNorm Transformer encoder-decoder (Vaswani et al. 2017) with fused SDPA attention.
+
+    Token vectors are scaled by ``sqrt(n_embd)`` before positions are added. Each decoder layer projects
+    the memory's keys and values once in :meth:`encode`. ``decode_step`` keeps a KV cache of the target
+    prefix; with ``use_cache=False`` it keeps the prefix's tokens and runs the decoder over all of them at
+    every step instead, the slow reference the cache must agree with.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        src_pad_id: int,
+        tgt_pad_id: int,
+        shared_vocabulary: bool,
+        n_embd: int = 256,
+        n_head: int = 4,
+        encoder_layers: int = 3,
+        decoder_layers: int = 3,
+        dropout: float = 0.1,
+        bias: bool = True,
+        positions: str = "sinusoidal",
+        max_positions: int = 256,
+        share_embeddings: bool = False,
+        tie_output: bool = True,
+        use_cache: bool = True,
+    ) -> None:
+        if n_embd % n_head:
+            raise ConfigError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head}).")
+        _check_choice("model.positions", positions, ("sinusoidal", "learned"))
+        super().__init__(
+            src_vocab_size, tgt_vocab_size, src_pad_id, tgt_pad_id, shared_vocabulary, n_embd, share_embeddings
+        )
+        self.max_target_positions = max_positions
+        self.use_cache = use_cache
+        self.embed_scale = math.sqrt(n_embd)
+        if positions == "learned":
+            self.src_positions = nn.Parameter(torch.empty(max_positions, n_embd))
+            self.tgt_positions = nn.Parameter(torch.empty(max_positions, n_embd))
+        else:
+            table = sinusoidal_positions(max_positions, n_embd)
+            self.register_buffer("src_positions", table, persistent=False)
+            self.register_buffer("tgt_positions", table, persistent=False)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.ModuleList(Block(n_embd, n_head, dropout, bias, causal=False) for _ in range(encoder_layers))
+        self.ln_enc = nn.LayerNorm(n_embd, bias=bias)
+        self.decoder = nn.ModuleList(DecoderBlock(n_embd, n_head, dropout, bias) for _ in range(decoder_layers))
+        self.ln_dec = nn.LayerNorm(n_embd, bias=bias)
+        self.head = nn.Linear(n_embd, tgt_vocab_size, bias=False)
+        if tie_output:
+            self.head.weight = self.tgt_embedding.weight
+        self._init_weights(encoder_layers, decoder_layers)
+
+    def _init_weights(self, encoder_layers: int, decoder_layers: int) -> None:
+        """Linear layers and learned positions start at Normal(0, 0.02) as in GPT-2, each residual projection
+        scaled down by the number of branches adding into its stream (two per encoder layer, three per decoder
+        layer). Token vectors start at std ``n_embd ** -0.5``: after the ``sqrt(n_embd)`` scale they are as
+        loud as the sine/cosine codes (at 0.02 the encoder barely sees which token it reads and learns far
+        more slowly). A table that is also the output layer starts at 0.02 instead, or the logits would start
+        large and favour repeating the input token."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=module.embedding_dim**-0.5)
+        if self.head.weight is self.tgt_embedding.weight:
+            nn.init.normal_(self.head.weight, std=0.02)
+        for p in self.parameters(recurse=False):  # learned position tables
+            nn.init.normal_(p, std=0.02)
+        for blocks, branches in ((self.encoder, 2 * encoder_layers), (self.decoder, 3 * decoder_layers)):
+            for name, p in blocks.named_parameters():
+                if name.endswith("proj.weight"):
+                    nn.init.normal_(p, std=0.02 / math.sqrt(branches))
+
+    def _embed(self, ids: torch.Tensor, table: nn.Embedding, positions: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + ids.size(1)
+        if end > positions.size(0):
+            raise ValueError(f"A sequence of {end} tokens exceeds model.max_positions ({positions.size(0)}).")
+        return self.drop(table(ids) * self.embed_scale + positions[start:end])
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
+        """The source ``mask (B, S)`` and, per decoder layer, the memory's cross-attention keys and values,
+        each ``(B, n_head, S, head_size)``."""
+        mask = valid_mask(src_lengths, src.size(1))
+        x = self._embed(src, self.src_embedding, self.src_positions, 0)
+        for block in self.encoder:
+            x, _ = block(x, key_mask=mask)
+        x = self.ln_enc(x)
+        return {"mask": mask, "keys_values": [block.cross.memory_kv(x) for block in self.decoder]}
+
+    def _decode(self, tgt: torch.Tensor, memory: Memory, past: list[KV] | None = None) -> tuple[torch.Tensor, list[KV]]:
+        """Logits of target tokens ``(B, T)`` that continue the cached prefix ``past`` (one KV per layer)."""
+        start = past[0][0].size(2) if past else 0
+        x = self._embed(tgt, self.tgt_embedding, self.tgt_positions, start)
+        present = []
+        for i, block in enumerate(self.decoder):
+            x, kv = block(x, memory["keys_values"][i], memory["mask"], past[i] if past else None)
+            present.append(kv)
+        return self.head(self.ln_dec(x)), present
+
+    def decode_step(
+        self, tokens: torch.Tensor, memory: Memory, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """The state is the self-attention KV cache, one ``(k, v)`` per layer, each ``(B, n_head, t,
+        head_size)``; without the cache it is the prefix's tokens ``(B, t)``."""
+        if self.use_cache:
+            logits, cache = self._decode(tokens[:, None], memory, state)
+            return logits[:, -1], cache
+        prefix = tokens[:, None] if state is None else torch.cat([state, tokens[:, None]], dim=1)
+        logits, _ = self._decode(prefix, memory)
+        return logits[:, -1], prefix
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        logits, _ = self._decode(tgt_in, self.encode(src, src_lengths))
+        return logits

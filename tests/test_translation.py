@@ -1,0 +1,181 @@
+"""Translation through the command-line config: models learn the toy transduction, metrics equal
+sacreBLEU's, lmlab-translate equals in-process decoding, and bad input gets the promised errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import sacrebleu
+import torch
+
+from conftest import compose_cfg, mt_overrides, toy_translation, write_pair_splits
+from lmlab.checkpoint import average_checkpoints, load_task
+from lmlab.errors import CheckpointMismatchError, ConfigError
+from lmlab.evaluate import evaluate
+from lmlab.metrics import CorpusScore
+from lmlab.schedulers import WarmupThenDecay
+from lmlab.tasks.translation import Decoding
+from lmlab.train import train
+from lmlab.translate import translate
+
+TINY_TRANSFORMER = [
+    "model=transformer_seq2seq",
+    "model.n_embd=64",
+    "model.n_head=4",
+    "model.encoder_layers=2",
+    "model.decoder_layers=2",
+    "model.dropout=0.0",
+]
+TINY_RNN = [
+    "model.embedding_dim=48",
+    "model.hidden_size=64",
+    "model.encoder_layers=1",
+    "model.decoder_layers=1",
+    "model.dropout=0.0",
+]
+LEARN = ["trainer.max_steps=300", "trainer.val_check_interval=150", "task.module.test_decoding.beam_size=3"]
+
+
+def _run(make_cfg, overrides: list[str], run_dir: Path) -> dict:
+    train(make_cfg(overrides, run_dir=run_dir))
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Transformer trained on the toy task, keeping its two best checkpoints (shared by the decoding,
+    entry-point and resume tests). Returns the root folder, with ``pairs/`` and ``run/``."""
+    root = tmp_path_factory.mktemp("mt")
+    overrides = mt_overrides(
+        write_pair_splits(root / "pairs"), *TINY_TRANSFORMER, *LEARN, "callbacks.model_checkpoint.save_top_k=2"
+    )
+    train(compose_cfg(root, overrides))
+    return root
+
+
+def _best(trained: Path) -> str:
+    return json.loads((trained / "run" / "metrics.json").read_text())["best_checkpoint"]
+
+
+def test_transformer_learns_the_toy_translation(trained: Path) -> None:
+    record = json.loads((trained / "run" / "metrics.json").read_text())
+    metrics = record["metrics"]
+    assert record["optimized_metric"] == "val/bleu" and record["mode"] == "max"
+    assert metrics["test/bleu"] > 90 and metrics["test/chrf"] > 90, metrics
+    assert metrics["val/loss"] < 0.3
+    assert metrics["val/ppl"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("model", "attention"),
+    [("gru_attention", "additive"), ("gru_attention", "multiplicative"), ("lstm_attention", "multiplicative")],
+)
+def test_recurrent_models_learn_the_toy_translation(
+    make_cfg, pairs_dir: Path, tmp_path: Path, model: str, attention: str
+) -> None:
+    overrides = mt_overrides(
+        pairs_dir, f"model={model}", f"model.attention={attention}", *TINY_RNN, *LEARN, "test=true"
+    )
+    metrics = _run(make_cfg, overrides, tmp_path / "run")["metrics"]
+    assert metrics["test/bleu"] > 90, metrics
+
+
+def test_logged_bleu_and_chrf_equal_sacrebleu_on_the_decoded_test_set(trained: Path) -> None:
+    metrics = json.loads((trained / "run" / "metrics.json").read_text())["metrics"]
+    task, _ = load_task(_best(trained))
+    rows = [json.loads(line) for line in (trained / "pairs" / "test.jsonl").read_text().splitlines()]
+    hypotheses = task.translate([r["en"] for r in rows])
+    references = [r["de"] for r in rows]
+    assert metrics["test/bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score, abs=1e-3)
+    assert metrics["test/chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score, abs=1e-3)
+
+
+def test_metric_objects_equal_sacrebleu_on_fixed_strings() -> None:
+    hypotheses = ["the cat sat on the mat.", "a dog, barking loudly!", "It's 3 o'clock", "nothing here matches"]
+    references = ["the cat sat on a mat.", "a dog was barking loudly!", "it's 3 o'clock.", "completely different"]
+    for name, score in (("bleu", sacrebleu.corpus_bleu), ("chrf", sacrebleu.corpus_chrf)):
+        metric = CorpusScore(name)
+        for i in (0, 2):  # two batches, as in an epoch
+            metric.update(hypotheses[i : i + 2], references[i : i + 2])
+        assert float(metric.compute()) == pytest.approx(score(hypotheses, [references]).score, abs=1e-9)
+    lowercase = CorpusScore("bleu", lowercase=True)
+    lowercase.update(hypotheses, references)
+    expected = sacrebleu.corpus_bleu(hypotheses, [references], lowercase=True).score
+    assert (
+        float(lowercase.compute()) == pytest.approx(expected)
+        and expected > sacrebleu.corpus_bleu(hypotheses, [references]).score
+    )
+
+
+def test_lmlab_translate_equals_in_process_decoding(trained: Path, make_cfg, tmp_path: Path) -> None:
+    best = _best(trained)
+    sentences = ["red cat", "", "one two three four", "dog blue six five cat"]
+    (tmp_path / "in.en").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    for beam in (1, 4):
+        lines = translate(
+            make_cfg(
+                [f"ckpt_path={best}", f"input={tmp_path / 'in.en'}", f"beam_size={beam}", "batch_size=2"],
+                config_name="translate",
+            )
+        )
+        task, _ = load_task(best)
+        expected = task.translate(sentences, Decoding(beam_size=beam), batch_size=3)
+        assert lines == expected and lines[1] == ""
+        assert lines[0] == toy_translation("red cat") and lines[2] == toy_translation("one two three four")
+
+
+def test_beam_size_larger_than_the_vocabulary_is_refused(trained: Path, make_cfg, tmp_path: Path) -> None:
+    best = _best(trained)
+    (tmp_path / "in.en").write_text("red cat\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="beam_size"):
+        translate(
+            make_cfg([f"ckpt_path={best}", f"input={tmp_path / 'in.en'}", "beam_size=100000"], config_name="translate")
+        )
+
+
+def test_eval_reproduces_the_test_metrics(trained: Path, make_cfg) -> None:
+    record = json.loads((trained / "run" / "metrics.json").read_text())
+    metrics = evaluate(make_cfg([f"ckpt_path={record['best_checkpoint']}", "splits=[test]"], config_name="eval"))
+    assert metrics["test/bleu"] == pytest.approx(record["metrics"]["test/bleu"], abs=1e-4)
+
+
+def test_averaged_checkpoint_holds_the_mean_weights(trained: Path, tmp_path: Path) -> None:
+    paths = sorted((trained / "run" / "checkpoints").glob("step_*.ckpt"))
+    assert len(paths) == 2
+    averaged = average_checkpoints(paths)
+    weights = [torch.load(p, weights_only=True)["state_dict"] for p in paths]
+    for key, value in averaged["state_dict"].items():
+        if value.is_floating_point():
+            assert torch.allclose(value, (weights[0][key] + weights[1][key]) / 2, atol=1e-6), key
+    torch.save(averaged, tmp_path / "avg.ckpt")
+    task, _ = load_task(tmp_path / "avg.ckpt")
+    assert task.translate(["red cat"])[0]
+    with pytest.raises(ConfigError, match="at least two"):
+        average_checkpoints(paths[:1])
+
+
+def test_resuming_with_another_tokenizer_or_language_is_refused(trained: Path, make_cfg, tmp_path: Path) -> None:
+    last = trained / "run" / "checkpoints" / "last.ckpt"
+    base = mt_overrides(trained / "pairs", *TINY_TRANSFORMER, "trainer.max_steps=310", f"ckpt_path={last}")
+    with pytest.raises(CheckpointMismatchError, match="different tokenizer"):
+        train(make_cfg([*base, "tokenizer.vocab_size=300"], run_dir=tmp_path / "a"))
+    with pytest.raises(CheckpointMismatchError, match="source_lang='en'"):
+        train(make_cfg([*base, "data.source_lang=de", "data.target_lang=en"], run_dir=tmp_path / "b"))
+
+
+def test_decoding_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"task.module.val_decoding: unknown setting\(s\) \['beam'\]"):
+        Decoding.from_config({"beam": 3}, "task.module.val_decoding")
+    with pytest.raises(ConfigError, match="beam_size must be at least 1"):
+        Decoding.from_config({"beam_size": 0}, "task.module.test_decoding")
+
+
+def test_inverse_sqrt_schedule() -> None:
+    schedule = WarmupThenDecay(warmup_steps=100, total_steps=10_000, decay="inverse_sqrt", min_lr_ratio=0.0)
+    assert schedule(49) == pytest.approx(0.5, abs=0.01)
+    assert schedule(100) == pytest.approx(1.0)
+    assert schedule(400) == pytest.approx(0.5) and schedule(10_000) == pytest.approx(0.1)
+    assert schedule(40_000) == pytest.approx(0.05), "keeps falling past the run's planned length"
