@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -167,6 +171,84 @@ LEXICON = {
 
 def toy_translation(sentence: str) -> str:
     return " ".join(LEXICON[w] for w in reversed(sentence.split()))
+
+
+def save_tiny_seq2seq(folder: Path, family: str = "t5", vocab_size: int = 32, words: Sequence[str] = ()) -> Path:
+    """A randomly initialised Hugging Face encoder-decoder saved as a pretrained folder (padding id 0, end id 1),
+    with a word-level tokenizer.json over ``words`` (after ``<pad> </s> <unk>``) when given: a stand-in for a
+    hub model that works offline. ``t5``: relative positions, decoding starts from the padding id; ``bart``:
+    learned positions, decoding starts from the end id."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import AutoModelForSeq2SeqLM, BartConfig, T5Config
+
+    ids = {"pad_token_id": 0, "eos_token_id": 1}
+    if family == "t5":
+        config = T5Config(
+            vocab_size=vocab_size,
+            d_model=64,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            d_kv=16,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            **ids,
+        )
+    else:
+        config = BartConfig(
+            vocab_size=vocab_size,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            bos_token_id=2,
+            decoder_start_token_id=1,
+            forced_eos_token_id=None,
+            **ids,
+        )
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(folder)
+    if words:
+        vocab = {token: i for i, token in enumerate(["<pad>", "</s>", "<unk>", *words])}
+        tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+        tokenizer.pre_tokenizer = Whitespace()
+        tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@functools.cache
+def toy_seq2seq_folder(family: str = "t5", vocab_size: int = 32, toy_words: bool = True) -> Path:
+    """:func:`save_tiny_seq2seq`, by default with a tokenizer over the toy lexicon's words; built once per
+    session in a temporary folder."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    folder = Path(tempfile.mkdtemp(prefix=f"lmlab-tiny-{family}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    words = sorted({*LEXICON, *LEXICON.values()}) if toy_words else ()
+    return save_tiny_seq2seq(folder, family, vocab_size, words)
+
+
+#: overrides that fine-tune :func:`toy_seq2seq_folder`'s model with its own tokenizer
+def pretrained_seq2seq_overrides() -> list[str]:
+    folder = toy_seq2seq_folder()
+    return [
+        "model=hf_seq2seq",
+        f"model.name_or_path={folder}",
+        "tokenizer=pretrained",
+        f"tokenizer.name_or_path={folder}",
+        "tokenizer.eos_token='</s>'",
+        "tokenizer.pad_token='<pad>'",
+        "tokenizer.unk_token='<unk>'",
+    ]
 
 
 def write_pairs(path: Path, n: int, seed: int, min_words: int = 2, max_words: int = 6) -> Path:

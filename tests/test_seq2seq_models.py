@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import toy_seq2seq_folder
 from lmlab.decoding import select_rows
 from lmlab.errors import ConfigError
-from lmlab.models.seq2seq import RecurrentSeq2Seq, Seq2SeqNetwork, TransformerSeq2Seq
+from lmlab.models.seq2seq import PretrainedSeq2Seq, RecurrentSeq2Seq, Seq2SeqNetwork, TransformerSeq2Seq
 
 V, PAD, EOS = 12, 0, 1  # ids 2 .. 11 are the tokens to reverse; the end token doubles as the begin token
 JOINT = {"src_vocab_size": V, "tgt_vocab_size": V, "src_pad_id": PAD, "tgt_pad_id": PAD, "shared_vocabulary": True}
@@ -25,6 +26,7 @@ SEPARATE = {
     "tgt_pad_id": 3,
     "shared_vocabulary": False,
 }
+EOS_ID = {"eos_id": EOS}
 RNN = {"embedding_dim": 16, "hidden_size": 24, "dropout": 0.1}
 TRANSFORMER = {"n_embd": 16, "n_head": 2, "dropout": 0.1, "max_positions": 24}
 
@@ -55,6 +57,13 @@ NETWORKS: dict[str, Callable[[], Seq2SeqNetwork]] = {
     ),
     "transformer_untied_no_bias": lambda: TransformerSeq2Seq(
         **SEPARATE, **TRANSFORMER, encoder_layers=1, decoder_layers=1, tie_output=False, bias=False
+    ),
+    # random weights saved as pretrained folders; their tables hold 16 rows, more than the 12 tokens
+    "pretrained_t5": lambda: PretrainedSeq2Seq(
+        **JOINT, **EOS_ID, name_or_path=str(toy_seq2seq_folder("t5", V + 4, False))
+    ),
+    "pretrained_bart": lambda: PretrainedSeq2Seq(
+        **JOINT, **EOS_ID, name_or_path=str(toy_seq2seq_folder("bart", V + 4, False))
     ),
 }
 TRANSFORMERS = [name for name in NETWORKS if name.startswith("transformer")]
@@ -171,6 +180,14 @@ def test_tied_and_shared_weights_and_target_positions() -> None:
         shared(too_long[:, :3], torch.tensor([3]), too_long)
 
 
+def test_pretrained_network_starts_in_train_mode_and_cuts_logits_to_the_tokenizer() -> None:
+    net = NETWORKS["pretrained_bart"]()
+    assert all(module.training for module in net.modules()), "from_pretrained's eval mode would drop dropout"
+    assert net.model.get_output_embeddings().weight.size(0) == V + 4 and net.tgt_vocab_size == V
+    assert net.max_target_positions == 64 and net.start_id == EOS
+    assert NETWORKS["pretrained_t5"]().max_target_positions is None  # relative positions: no limit
+
+
 # -- learning -----------------------------------------------------------------------------------------
 def reversal_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random sequences of 3 .. 8 tokens then the end token, and their reversal as target input and output."""
@@ -207,6 +224,11 @@ LEARNERS = {
         3e-3,
     ),
     "transformer": (lambda: TransformerSeq2Seq(**JOINT, **SMALL_TRANSFORMER, max_positions=16), 400, 1e-3),
+    "pretrained_t5": (
+        lambda: PretrainedSeq2Seq(**JOINT, **EOS_ID, name_or_path=str(toy_seq2seq_folder("t5", V + 4, False))),
+        400,
+        1e-3,
+    ),
 }
 
 
@@ -259,6 +281,22 @@ def test_network_learns_to_reverse_sequences(name: str) -> None:
             r"model\.positions must be one of sinusoidal, learned, got 'rotary'",
         ),
         (lambda: TransformerSeq2Seq(**JOINT, n_embd=30, n_head=4), r"model\.n_embd \(30\) must be divisible"),
+        (
+            lambda: PretrainedSeq2Seq(**SEPARATE, **EOS_ID, name_or_path=str(toy_seq2seq_folder("t5", V + 4, False))),
+            r"one vocabulary, but the data has two\. Use the model's own tokenizer: tokenizer=pretrained",
+        ),
+        (
+            lambda: PretrainedSeq2Seq(**JOINT, **EOS_ID, name_or_path=str(toy_seq2seq_folder("t5", V - 2, False))),
+            r"The tokenizer has 12 tokens but '.*' embeds only 10\. Use the model's own tokenizer",
+        ),
+        (
+            lambda: PretrainedSeq2Seq(**JOINT, eos_id=3, name_or_path=str(toy_seq2seq_folder("bart", V, False))),
+            r"end token has id 3 but '.*' ends sentences with id 1\. .*tokenizer\.name_or_path=",
+        ),
+        (
+            lambda: PretrainedSeq2Seq(**JOINT, **EOS_ID, name_or_path="/no/such/folder"),
+            r"model\.name_or_path: no folder at '/no/such/folder'",
+        ),
     ],
 )
 def test_bad_settings_name_the_key_to_fix(build: Callable[[], Seq2SeqNetwork], message: str) -> None:

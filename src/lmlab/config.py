@@ -71,7 +71,48 @@ def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
             raise ConfigError(
                 f"Invalid config key '{err.full_key}': {reason}. Check the key's spelling and type."
             ) from None
+        check_task_data(cfg)
     check_targets(cfg)
+
+
+def check_task_data(cfg: DictConfig) -> None:
+    """The data option must build the data module the task reads (``TaskModule.data_module``)."""
+    task_target = OmegaConf.select(cfg, "task.module._target_")
+    data_target = OmegaConf.select(cfg, "data._target_")
+    if not task_target or not data_target:
+        return
+    try:
+        wanted, given = locate(locate(str(task_target)).data_module), locate(str(data_target))
+    except (ImportError, AttributeError):
+        return  # an unimportable target is reported by check_targets
+    if isinstance(given, type) and issubclass(given, wanted):
+        return
+    options = [name for name, target in data_options().items() if target == f"{wanted.__module__}.{wanted.__name__}"]
+    raise ConfigError(
+        f"data={_choice('data') or data_target} is data for another task: task={_choice('task') or task_target} "
+        f"reads {wanted.__name__} data. Pick one of data={'|'.join(options)}."
+    )
+
+
+def data_options() -> dict[str, str]:
+    """Each ``conf/data`` option and the ``_target_`` it builds, following its defaults list."""
+
+    def target_of(name: str) -> str | None:
+        node = OmegaConf.load(Path(config_dir()) / "data" / f"{name}.yaml")
+        if "_target_" in node:
+            return str(node._target_)
+        parents = [d for d in node.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+        return target_of(parents[0]) if parents else None
+
+    names = sorted(p.stem for p in (Path(config_dir()) / "data").glob("*.yaml"))
+    return {name: target for name in names if (target := target_of(name))}
+
+
+def _choice(group: str) -> str | None:
+    """The option picked for a config group in the running Hydra app, if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
 def locate(path: str) -> Any:

@@ -7,9 +7,10 @@ A network only has to offer two calls, so any encoder-decoder architecture can p
   token per row; the first call has ``state=None`` and feeds the begin token.
 
 ``memory`` and ``state`` are opaque nested containers (tuple, list, dict) whose tensors all have the
-batch row as their first dimension; :func:`select_rows` is the only thing that looks inside them. An
-optional ``net.max_target_positions`` caps the target length (the begin token takes one position)
-and an optional ``net.tgt_vocab_size`` lets a too-large ``beam_size`` fail before any work is done.
+batch row as their first dimension, or Hugging Face caches; :func:`select_rows` is the only thing that
+looks inside them. An optional ``net.max_target_positions`` caps the target length (the begin token
+takes one position) and an optional ``net.tgt_vocab_size`` lets a too-large ``beam_size`` fail before
+any work is done.
 
 Lengths count generated tokens with the end token included; returned sentences hold neither the
 begin nor the end token.
@@ -32,11 +33,15 @@ def select_rows(tree: Any, index: torch.Tensor) -> Any:
     """``tree`` with ``index_select(0, index)`` applied to every tensor, keeping the container types.
 
     This is how beam search copies the encoder memory to every beam and reorders the decoder state
-    after each step without knowing the network's layout. Non-tensor leaves (ints, None, strings)
-    are returned as they are.
+    after each step without knowing the network's layout. A Hugging Face cache (an object with
+    ``reorder_cache``) is reordered in place, so the ``tree`` given is used up. Non-tensor leaves (ints,
+    None, strings) are returned as they are.
     """
     if isinstance(tree, torch.Tensor):
         return tree.index_select(0, index)
+    if callable(getattr(tree, "reorder_cache", None)):  # a Hugging Face key/value cache: reordered in place
+        tree.reorder_cache(index)
+        return tree
     if isinstance(tree, dict):
         out = copy.copy(tree)  # keeps OrderedDict / defaultdict and their settings
         for key, value in tree.items():

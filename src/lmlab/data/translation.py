@@ -39,9 +39,12 @@ class PairBatch(NamedTuple):
     num_target_tokens: int  # target tokens the loss counts (end tokens included, padding not)
 
 
-def encode_sources(tokenizer: TokenizerPair, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Source ids of each text, cut to leave room for the end token, then the end token; and how many were cut."""
-    ids, truncated = tokenizer.source.encode_batch(texts, max_length - 1)
+def encode_sources(
+    tokenizer: TokenizerPair, texts: Sequence[str], max_length: int, prefix: str = ""
+) -> tuple[list[list[int]], int]:
+    """Source ids of each text after ``prefix``, cut to leave room for the end token, then the end token; and
+    how many were cut."""
+    ids, truncated = tokenizer.source.encode_batch([prefix + text for text in texts], max_length - 1)
     eos = tokenizer.source.eos_id
     return [seq + [eos] for seq in ids], truncated
 
@@ -98,7 +101,8 @@ def _as_batch(batch: PairBatch) -> PairBatch:
 class TranslationDataModule(TaskDataModule):
     """Sentence pairs from a :class:`TableSource` (roles ``source`` and ``target``), tokenized once (cached).
 
-    ``overlong`` decides what happens to training pairs longer than ``max_source_length`` /
+    ``source_prefix`` is put before every source sentence (a T5-style task prefix such as "translate English
+    to German: "). ``overlong`` decides what happens to training pairs longer than ``max_source_length`` /
     ``max_target_length`` tokens: ``truncate`` (cut and count) or ``skip`` (leave out and count).
     Validation and test sources are always cut (the model cannot read more), never skipped, and
     their references stay whole, so the reported BLEU covers every sentence.
@@ -111,6 +115,7 @@ class TranslationDataModule(TaskDataModule):
         source_lang: str = "src",
         target_lang: str = "tgt",
         joint_vocabulary: bool = True,
+        source_prefix: str = "",
         max_source_length: int = 128,
         max_target_length: int = 128,
         overlong: str = "truncate",
@@ -142,7 +147,7 @@ class TranslationDataModule(TaskDataModule):
                 "data.max_source_length / data.max_target_length."
             )
         self.source, self.source_lang, self.target_lang = source, source_lang, target_lang
-        self.joint_vocabulary, self.overlong = joint_vocabulary, overlong
+        self.joint_vocabulary, self.overlong, self.source_prefix = joint_vocabulary, overlong, source_prefix
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.max_tokens, self.bucket_batches = max_tokens, bucket_batches
 
@@ -152,6 +157,7 @@ class TranslationDataModule(TaskDataModule):
             "task": "translation",
             "source": self.source.fingerprint(),
             "joint": self.joint_vocabulary,
+            "source_prefix": self.source_prefix,
             "max_source": self.max_source_length,
             "max_target": self.max_target_length,
             "overlong": self.overlong,
@@ -186,7 +192,7 @@ class TranslationDataModule(TaskDataModule):
                 f"Every pair of the {name} split ({table.origin}) has an empty side. Check "
                 f"data.source.columns ({self.source.columns})."
             )
-        sources, targets = [sources[i] for i in keep], [targets[i] for i in keep]
+        sources, targets = [self.source_prefix + sources[i] for i in keep], [targets[i] for i in keep]
         src_ids, _ = tokenizer.source.encode_batch(sources)
         tgt_ids, _ = tokenizer.target.encode_batch(targets)
         src_over = [len(s) + 1 > self.max_source_length for s in src_ids]
@@ -265,6 +271,7 @@ class TranslationDataModule(TaskDataModule):
             "shared_vocabulary": tokenizer.joint,
             "source_lang": self.source_lang,
             "target_lang": self.target_lang,
+            "source_prefix": self.source_prefix,
             "max_source_length": self.max_source_length,
             "max_target_length": self.max_target_length,
         }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from lmlab.errors import ConfigError
 from lmlab.models.attention import Block, sinusoidal_positions
 from lmlab.models.embeddings import embedding_settings, make_embedding
+from lmlab.models.pretrained import load_pretrained_model
 from lmlab.models.recurrent import RecurrentEncoder
 
 
@@ -199,25 +199,7 @@ class HFEncoderClassifier(nn.Module):
                  freeze_encoder: bool = False) -> None:
         super().__init__()
         self.pooling = _choice("model.pooling", pooling, ("cls", "mean"))
-        try:
-            from transformers import AutoModel
-        except ImportError:
-            raise ConfigError("model=hf_encoder needs transformers: pip install transformers "
-                              "(or pip install 'lmlab[hf]').") from None
-        local = Path(name_or_path).expanduser()
-        if not local.exists() and name_or_path.startswith((".", "/", "~")):
-            raise ConfigError(f"model.name_or_path: no folder at '{local}'. Point it at a folder saved with "
-                              "save_pretrained, or give a Hugging Face hub name.")
-        try:
-            self.encoder = AutoModel.from_pretrained(str(local) if local.exists() else name_or_path)
-        except (OSError, ValueError) as err:
-            reason = " ".join(str(err).split())  # on one line
-            if local.exists():
-                raise ConfigError(f"model.name_or_path: '{local}' holds no loadable model ({reason}). It needs the "
-                                  "config.json and weights that save_pretrained writes.") from None
-            raise ConfigError(f"model.name_or_path: could not load '{name_or_path}' from the Hugging Face hub "
-                              f"({reason}). Offline? Point model.name_or_path at a local folder with the model's "
-                              "config and weights.") from None
+        self.encoder = load_pretrained_model("AutoModel", name_or_path, "hf_encoder")
         self.freeze_encoder = freeze_encoder
         self.encoder.requires_grad_(not freeze_encoder)
         self.drop = nn.Dropout(dropout)

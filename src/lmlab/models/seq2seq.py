@@ -1,6 +1,7 @@
-"""Encoder-decoder networks for translation: a GRU/LSTM with attention and a pre-LN Transformer.
+"""Encoder-decoder networks for translation: a GRU/LSTM with attention and a pre-LN Transformer trained
+from scratch, and pretrained Hugging Face encoder-decoders.
 
-Both offer the same three calls, so training and decoding need not know the architecture:
+All offer the same three calls, so training and decoding need not know the architecture:
 
 - ``forward(src (B, S), src_lengths (B,), tgt_in (B, T)) -> logits (B, T, tgt_vocab_size)``, teacher forcing;
 - ``encode(src, src_lengths) -> memory``;
@@ -10,7 +11,8 @@ Both offer the same three calls, so training and decoding need not know the arch
 ``src`` and ``tgt_in`` are right-padded; only the first ``src_lengths`` source tokens are read, and the
 decoder is causal, so a sentence's logits do not depend on the padding of its batch. ``memory`` and
 ``state`` are nested dicts, lists and tuples whose tensors all have the batch as their first dimension:
-beam search copies and reorders them with one ``index_select(0, rows)`` over the whole container.
+beam search copies and reorders them with one ``index_select(0, rows)`` over the whole container (a
+pretrained model's state is its Hugging Face cache, which reorders itself).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from lmlab.errors import ConfigError
 from lmlab.models.attention import KV, Block, DecoderBlock, sinusoidal_positions
 from lmlab.models.classifiers import valid_mask
+from lmlab.models.pretrained import load_pretrained_model
 from lmlab.models.recurrent import CELLS, RecurrentEncoder
 
 Memory = dict[str, Any]
@@ -37,11 +40,33 @@ def _check_choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 
 class Seq2SeqNetwork(nn.Module, ABC):
-    """What every translation network shares: the sizes and padding ids the data decides, and the source
-    and target embeddings, which are one matrix with ``share_embeddings`` (possible only when one joint
-    tokenizer makes an id mean the same token on both sides)."""
+    """The calls decoding and training use, whatever the architecture; ``tgt_vocab_size`` lets a too-wide beam
+    fail early and ``max_target_positions`` caps generated lengths."""
 
     max_target_positions: int | None = None  # the longest target the decoder can read; None: no limit
+    tgt_vocab_size: int
+    src_pad_id: int
+    tgt_pad_id: int
+
+    @abstractmethod
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
+        """What the decoder needs of the source, computed once per sentence."""
+
+    @abstractmethod
+    def decode_step(
+        self, tokens: torch.Tensor, memory: Memory, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """Logits ``(B, V)`` for the token after ``tokens (B,)``, and the state to continue from."""
+
+    @abstractmethod
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)`` at every target position at once (teacher forcing)."""
+
+
+class Seq2SeqFromScratch(Seq2SeqNetwork):
+    """What the networks trained from scratch share: the sizes and padding ids the data decides, and the
+    source and target embeddings, which are one matrix with ``share_embeddings`` (possible only when one
+    joint tokenizer makes an id mean the same token on both sides)."""
 
     def __init__(
         self,
@@ -63,20 +88,6 @@ class Seq2SeqNetwork(nn.Module, ABC):
         # no padding_idx: padding is never read, and the begin token must stay trainable whatever the pad id
         self.tgt_embedding = nn.Embedding(tgt_vocab_size, embedding_dim)
         self.src_embedding = self.tgt_embedding if share_embeddings else nn.Embedding(src_vocab_size, embedding_dim)
-
-    @abstractmethod
-    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
-        """What the decoder needs of the source, computed once per sentence."""
-
-    @abstractmethod
-    def decode_step(
-        self, tokens: torch.Tensor, memory: Memory, state: State | None = None
-    ) -> tuple[torch.Tensor, State]:
-        """Logits ``(B, V)`` for the token after ``tokens (B,)``, and the state to continue from."""
-
-    @abstractmethod
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, T, V)`` at every target position at once (teacher forcing)."""
 
 
 # -- recurrent ------------------------------------------------------------------------------------------
@@ -109,7 +120,7 @@ class MultiplicativeAttention(nn.Module):
 ATTENTIONS = {"additive": AdditiveAttention, "multiplicative": MultiplicativeAttention}
 
 
-class RecurrentSeq2Seq(Seq2SeqNetwork):
+class RecurrentSeq2Seq(Seq2SeqFromScratch):
     """GRU or LSTM encoder-decoder with attention and input feeding (Luong et al. 2015).
 
     The encoder reads packed sequences, so padding never reaches it; a bridge (linear + tanh) maps its top
@@ -218,7 +229,7 @@ class RecurrentSeq2Seq(Seq2SeqNetwork):
 
 
 # -- Transformer ----------------------------------------------------------------------------------------
-class TransformerSeq2Seq(Seq2SeqNetwork):
+class TransformerSeq2Seq(Seq2SeqFromScratch):
     """Pre-LayerNorm Transformer encoder-decoder (Vaswani et al. 2017) with fused SDPA attention.
 
     Token vectors are scaled by ``sqrt(n_embd)`` before positions are added. Each decoder layer projects
@@ -333,4 +344,86 @@ class TransformerSeq2Seq(Seq2SeqNetwork):
 
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         logits, _ = self._decode(tgt_in, self.encode(src, src_lengths))
+        return logits
+
+
+# -- pretrained -----------------------------------------------------------------------------------------
+class PretrainedSeq2Seq(Seq2SeqNetwork):
+    """A pretrained Hugging Face encoder-decoder (T5, BART, Marian, mBART, ...) from a hub name or a local
+    folder, fine-tuned whole.
+
+    It reads the ids of its own tokenizer (``tokenizer=pretrained`` with the same name or folder): the
+    tokenizer's end token must be the model's, and every id must fit the model's embedding table. The
+    pipeline's begin token (the end token) is swapped for the model's decoder start token, and logits are cut
+    to the tokenizer's vocabulary where the model pads its table beyond it (T5 keeps 28 unused rows).
+    Decoding keeps the model's own key/value cache as the state; beam search reorders it with the cache's
+    ``reorder_cache``.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        src_pad_id: int,
+        tgt_pad_id: int,
+        eos_id: int,
+        shared_vocabulary: bool,
+        name_or_path: str,
+    ) -> None:
+        super().__init__()
+        self.model = load_pretrained_model("AutoModelForSeq2SeqLM", name_or_path, "hf_seq2seq")
+        config = self.model.config
+        rows = self.model.get_output_embeddings().weight.size(0)
+        model_eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        fix = (
+            f"Use the model's own tokenizer: tokenizer=pretrained tokenizer.name_or_path={name_or_path} with its "
+            "end and padding tokens (tokenizer.eos_token, tokenizer.pad_token)."
+        )
+        if not shared_vocabulary:
+            raise ConfigError(f"model=hf_seq2seq reads both languages with one vocabulary, but the data has two. {fix}")
+        if max(src_vocab_size, tgt_vocab_size) > rows:
+            raise ConfigError(
+                f"The tokenizer has {max(src_vocab_size, tgt_vocab_size)} tokens but '{name_or_path}' embeds only "
+                f"{rows}. {fix}"
+            )
+        if eos_id not in model_eos:
+            raise ConfigError(
+                f"The tokenizer's end token has id {eos_id} but '{name_or_path}' ends sentences with id "
+                f"{model_eos[0]}. {fix}"
+            )
+        start = config.decoder_start_token_id
+        self.start_id = int(start if start is not None else config.pad_token_id)
+        self.tgt_vocab_size, self.src_pad_id, self.tgt_pad_id = tgt_vocab_size, src_pad_id, tgt_pad_id
+        self.max_target_positions = getattr(config, "max_position_embeddings", None)
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
+        """The encoder's last hidden states ``(B, S, H)`` and the source mask ``(B, S)``."""
+        mask = valid_mask(src_lengths, src.size(1)).long()
+        hidden = self.model.get_encoder()(input_ids=src, attention_mask=mask).last_hidden_state
+        return {"hidden": hidden, "mask": mask}
+
+    def _logits(self, memory: Memory, tgt: torch.Tensor, past: Any, use_cache: bool) -> tuple[torch.Tensor, Any]:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=memory["hidden"]),
+            attention_mask=memory["mask"],
+            decoder_input_ids=tgt,
+            past_key_values=past,
+            use_cache=use_cache,
+        )
+        return out.logits[..., : self.tgt_vocab_size], out.past_key_values
+
+    def decode_step(
+        self, tokens: torch.Tensor, memory: Memory, state: State | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """The state is the model's key/value cache (self- and cross-attention)."""
+        if state is None:
+            tokens = torch.full_like(tokens, self.start_id)
+        logits, cache = self._logits(memory, tokens[:, None], state, use_cache=True)
+        return logits[:, -1], cache
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        tgt_in = torch.cat([torch.full_like(tgt_in[:, :1], self.start_id), tgt_in[:, 1:]], dim=1)
+        logits, _ = self._logits(self.encode(src, src_lengths), tgt_in, None, use_cache=False)
         return logits

@@ -28,6 +28,8 @@ class TaskModule(L.LightningModule):
 
     #: data_info keys the network is built from, passed to the model when its constructor takes them
     network_inputs: tuple[str, ...] = ("vocab_size",)
+    #: the data module class (dotted path) this task reads; the config check rejects other data options
+    data_module: str = "lmlab.data.base.TaskDataModule"
     #: data_info keys (besides the tokenizer) that must be the same in a checkpoint and the data it resumes on
     fixed_by_checkpoint: tuple[str, ...] = ()
 

@@ -37,6 +37,7 @@ class ClassificationTask(TaskModule):
     """
 
     network_inputs = ("vocab_size", "num_classes", "pad_id", "max_length")
+    data_module = "lmlab.data.classification.ClassificationDataModule"
     fixed_by_checkpoint = ("labels",)
 
     def __init__(

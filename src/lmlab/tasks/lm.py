@@ -21,6 +21,7 @@ class LanguageModelingTask(TaskModule):
     """Trains a language model; logs ``{split}/loss``, ``{split}/ppl`` and ``{split}/bpc``."""
 
     network_inputs = ("vocab_size", "block_size")
+    data_module = "lmlab.data.lm.LMDataModule"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

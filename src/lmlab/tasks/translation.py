@@ -60,7 +60,8 @@ class TranslationTask(TaskModule):
     ``{split}/chrf`` (sacreBLEU's chrF, 0-100) of the decoded, detokenized text against the references whenever
     the evaluation decodes."""
 
-    network_inputs = ("src_vocab_size", "tgt_vocab_size", "src_pad_id", "tgt_pad_id", "shared_vocabulary")
+    network_inputs = ("src_vocab_size", "tgt_vocab_size", "src_pad_id", "tgt_pad_id", "eos_id", "shared_vocabulary")
+    data_module = "lmlab.data.translation.TranslationDataModule"
     fixed_by_checkpoint = ("source_lang", "target_lang")
 
     def __init__(
@@ -191,7 +192,8 @@ class TranslationTask(TaskModule):
         (``settings`` defaults to the test decoding); an empty text translates to an empty string."""
         settings = settings or self.decoding["test"]
         tokenizer = self._pair()
-        encoded, truncated = encode_sources(tokenizer, texts, self.hparams.data_info["max_source_length"])
+        info = self.hparams.data_info
+        encoded, truncated = encode_sources(tokenizer, texts, info["max_source_length"], info.get("source_prefix", ""))
         if truncated:
             log.warning(
                 "%d input sentence(s) were longer than the model's max_source_length=%d tokens and were cut.",
