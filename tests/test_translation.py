@@ -175,7 +175,9 @@ def _pretrained_overrides(pairs: Path, *extra: str) -> list[str]:
     return [*own_tokenizer, *pretrained_seq2seq_overrides(), *extra]
 
 
-def test_pretrained_seq2seq_fine_tunes_from_a_local_folder(make_cfg, pairs_dir: Path, tmp_path: Path) -> None:
+def test_pretrained_seq2seq_fine_tunes_from_a_local_folder(
+    make_cfg, pairs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A T5 saved with save_pretrained (random weights) and its own tokenizer, with a task prefix on every source."""
     overrides = _pretrained_overrides(
         pairs_dir, *LEARN, "trainer.max_steps=600", "trainer.val_check_interval=300", f"data.source_prefix='{PREFIX}'"
@@ -193,6 +195,15 @@ def test_pretrained_seq2seq_fine_tunes_from_a_local_folder(make_cfg, pairs_dir: 
     without_prefix = task.decode_texts(*_sources(task, sentences, ""), Decoding())
     with_prefix = task.decode_texts(*_sources(task, sentences, PREFIX), Decoding())
     assert with_prefix == lines and without_prefix != with_prefix, "the prefix reaches the model"
+    # the checkpoint carries the model's architecture: it loads with the pretrained folder out of reach
+    transformers = pytest.importorskip("transformers")
+
+    def unreachable(*args, **kwargs):
+        raise OSError("the pretrained folder and the hub are out of reach")
+
+    monkeypatch.setattr(transformers.AutoModelForSeq2SeqLM, "from_pretrained", unreachable)
+    offline, _ = load_task(record["best_checkpoint"])
+    assert offline.translate(sentences, Decoding(beam_size=3)) == lines
 
 
 def _sources(task, sentences: list[str], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 from lmlab.errors import ConfigError
 from lmlab.models.attention import Block, sinusoidal_positions
 from lmlab.models.embeddings import embedding_settings, make_embedding
-from lmlab.models.pretrained import load_pretrained_model
+from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import RecurrentEncoder
 
 
@@ -193,17 +193,21 @@ class BagOfNGrams(nn.Module):
 
 
 class HFEncoderClassifier(nn.Module):
-    """A pretrained Hugging Face encoder (hub name or local folder), pooled, with a new linear head."""
+    """A pretrained Hugging Face encoder (hub name or local folder), pooled, with a new linear head.
+    ``hf_config`` is set by lmlab checkpoints (see :mod:`lmlab.models.pretrained`)."""
 
     def __init__(self, num_classes: int, name_or_path: str, pooling: str = "cls", dropout: float = 0.1,
-                 freeze_encoder: bool = False) -> None:
+                 freeze_encoder: bool = False, hf_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.pooling = _choice("model.pooling", pooling, ("cls", "mean"))
-        self.encoder = load_pretrained_model("AutoModel", name_or_path, "hf_encoder")
+        self.encoder = load_pretrained_model("AutoModel", name_or_path, "hf_encoder", hf_config)
         self.freeze_encoder = freeze_encoder
         self.encoder.requires_grad_(not freeze_encoder)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.config.hidden_size, num_classes)
+
+    def checkpoint_hf_config(self) -> dict[str, Any]:
+        return saved_config(self.encoder)
 
     def train(self, mode: bool = True) -> HFEncoderClassifier:
         """A frozen encoder stays in eval mode: its dropout would only add noise to fixed features."""

@@ -1,23 +1,36 @@
-"""Pretrained Hugging Face models from a hub name or a local folder, with errors that say what to fix."""
+"""Pretrained Hugging Face models from a hub name or a local folder, with errors that say what to fix.
+
+A network that wraps one saves the model's Hugging Face config in lmlab checkpoints (``hf_config``), so a
+checkpoint loads without the hub or the original folder: the architecture is rebuilt from that config and
+the weights come from the checkpoint.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from lmlab.errors import ConfigError
 
 
-def load_pretrained_model(auto_class: str, name_or_path: str, option: str) -> nn.Module:
-    """``transformers.<auto_class>.from_pretrained(name_or_path)``; ``option`` names the config choice
-    (``model=<option>``) in the messages."""
+def load_pretrained_model(
+    auto_class: str, name_or_path: str, option: str, hf_config: dict[str, Any] | None = None
+) -> nn.Module:
+    """``transformers.<auto_class>.from_pretrained(name_or_path)``, or the bare architecture of ``hf_config``
+    when a checkpoint supplies the weights; ``option`` names the config choice (``model=<option>``) in the
+    messages."""
     try:
         import transformers
     except ImportError:
         raise ConfigError(
             f"model={option} needs transformers: pip install transformers (or pip install 'lmlab[hf]')."
         ) from None
+    if hf_config is not None:
+        config = transformers.AutoConfig.for_model(**hf_config)
+        return getattr(transformers, auto_class).from_config(config).train()
     local = Path(name_or_path).expanduser()
     if not local.exists() and name_or_path.startswith((".", "/", "~")):
         raise ConfigError(
@@ -40,3 +53,8 @@ def load_pretrained_model(auto_class: str, name_or_path: str, option: str) -> nn
     # from_pretrained leaves the model in eval mode, and Lightning keeps the modes it finds: fine-tuning
     # would run without the model's dropout
     return model.train()
+
+
+def saved_config(model: nn.Module) -> dict[str, Any]:
+    """A Hugging Face model's full config as plain JSON values, for a checkpoint's ``hf_config``."""
+    return json.loads(model.config.to_json_string(use_diff=False))

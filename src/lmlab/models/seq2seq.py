@@ -27,7 +27,7 @@ from torch import nn
 from lmlab.errors import ConfigError
 from lmlab.models.attention import KV, Block, DecoderBlock, sinusoidal_positions
 from lmlab.models.classifiers import valid_mask
-from lmlab.models.pretrained import load_pretrained_model
+from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import CELLS, RecurrentEncoder
 
 Memory = dict[str, Any]
@@ -357,7 +357,7 @@ class PretrainedSeq2Seq(Seq2SeqNetwork):
     pipeline's begin token (the end token) is swapped for the model's decoder start token, and logits are cut
     to the tokenizer's vocabulary where the model pads its table beyond it (T5 keeps 28 unused rows).
     Decoding keeps the model's own key/value cache as the state; beam search reorders it with the cache's
-    ``reorder_cache``.
+    ``reorder_cache``. ``hf_config`` is set by lmlab checkpoints (see :mod:`lmlab.models.pretrained`).
     """
 
     def __init__(
@@ -369,9 +369,10 @@ class PretrainedSeq2Seq(Seq2SeqNetwork):
         eos_id: int,
         shared_vocabulary: bool,
         name_or_path: str,
+        hf_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.model = load_pretrained_model("AutoModelForSeq2SeqLM", name_or_path, "hf_seq2seq")
+        self.model = load_pretrained_model("AutoModelForSeq2SeqLM", name_or_path, "hf_seq2seq", hf_config)
         config = self.model.config
         rows = self.model.get_output_embeddings().weight.size(0)
         model_eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -395,6 +396,9 @@ class PretrainedSeq2Seq(Seq2SeqNetwork):
         self.start_id = int(start if start is not None else config.pad_token_id)
         self.tgt_vocab_size, self.src_pad_id, self.tgt_pad_id = tgt_vocab_size, src_pad_id, tgt_pad_id
         self.max_target_positions = getattr(config, "max_position_embeddings", None)
+
+    def checkpoint_hf_config(self) -> dict[str, Any]:
+        return saved_config(self.model)
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
         """The encoder's last hidden states ``(B, S, H)`` and the source mask ``(B, S)``."""

@@ -112,6 +112,10 @@ class TaskModule(L.LightningModule):
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["rng_states"] = rng
+        hyper = checkpoint.get("hyper_parameters")
+        if hyper is not None and callable(getattr(self.net, "checkpoint_hf_config", None)):
+            # a pretrained network's architecture travels with its weights: the checkpoint loads offline
+            hyper["model"] = {**hyper["model"], "hf_config": self.net.checkpoint_hf_config()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Applied at the first resumed batch: loader start-up between here and then draws random numbers.
