@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from conftest import FAST
+from conftest import FAST, cls_overrides, mt_overrides
 from lmlab.train import train
 
 # "++" sets a key whether or not conf/trainer/default.yaml already has it.
@@ -59,12 +59,12 @@ def _train(make_cfg: Callable[..., DictConfig], overrides: list[str], run_dir: P
 
 
 def _logged(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Per logged step: train/loss, the learning rate, the epoch and val/ppl, from the CSV logger."""
+    """Per logged step: train/loss, the learning rate, the epoch and val/loss, from the CSV logger."""
     steps: dict[int, dict[str, float]] = {}
     with (run_dir / "csv" / "metrics.csv").open() as f:
         for row in csv.DictReader(f):
             entry = steps.setdefault(int(row["step"]), {})
-            for key in ("train/loss", LR_KEY, "epoch", "val/ppl"):
+            for key in ("train/loss", LR_KEY, "epoch", "val/loss"):
                 if row.get(key):
                     entry[key] = float(row[key])
     return steps
@@ -81,9 +81,9 @@ def _assert_same_steps(
         assert got[LR_KEY] == pytest.approx(want[LR_KEY], rel=1e-9), f"learning rate at step {step}"
         assert got["epoch"] == want["epoch"], f"epoch at step {step}"
         # validation at the same steps (a shifted schedule would also move checkpoints and early stopping)
-        assert ("val/ppl" in got) == ("val/ppl" in want), f"validation after step {step} in one run only"
-        if "val/ppl" in want:
-            assert got["val/ppl"] == pytest.approx(want["val/ppl"], rel=1e-6), f"val/ppl at step {step}"
+        assert ("val/loss" in got) == ("val/loss" in want), f"validation after step {step} in one run only"
+        if "val/loss" in want:
+            assert got["val/loss"] == pytest.approx(want["val/loss"], rel=1e-6), f"val/loss at step {step}"
     assert min(resumed) == steps.start, "the resumed run repeated steps done before the checkpoint"
 
 
@@ -152,6 +152,33 @@ def test_resume_after_crash_matches_uninterrupted(
     a, c = _logged(tmp_path / "A"), _logged(tmp_path / "C")
     assert {a[s]["epoch"] for s in range(20)} == {0.0, 1.0, 2.0, 3.0}
     _assert_same_steps(c, a, range(crash_at, 20))
+
+
+# -- the other tasks' samplers (length buckets, token budgets) resume mid-epoch too ------------------------
+@pytest.mark.parametrize("task", ["classification", "translation"])
+def test_classification_and_translation_resume_mid_epoch_after_crash(
+    task: str, make_cfg, labeled_dir: Path, pairs_dir: Path, tmp_path: Path
+) -> None:
+    # a few batches per epoch, so the crash at step 14 comes mid-epoch after an epoch boundary
+    if task == "classification":
+        small = ["model=bilstm", "model.hidden_size=32", "model.dropout=0.3", "data.batch_size=64"]
+        overrides = cls_overrides(labeled_dir, *small)
+    else:
+        small = ["model.n_embd=32", "model.n_head=2", "model.encoder_layers=1", "model.decoder_layers=1",
+                 "model.dropout=0.1", "data.max_tokens=2048"]
+        overrides = mt_overrides(pairs_dir, *small)
+    base = [*overrides, "trainer.max_steps=24", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
+            "test=false", "logger=csv"]
+    _train(make_cfg, base, tmp_path / "A")
+    crash = [f"+callbacks.crash._target_={__name__}.CrashAtStep", "+callbacks.crash.step=14"]
+    with pytest.raises(SimulatedCrash):
+        _train(make_cfg, [*base, *crash], tmp_path / "B")
+    _train(make_cfg, [*base, f"ckpt_path={tmp_path / 'B' / 'checkpoints' / 'interrupted.ckpt'}"], tmp_path / "C")
+
+    a, c = _logged(tmp_path / "A"), _logged(tmp_path / "C")
+    epochs = [a[s]["epoch"] for s in range(24)]
+    assert epochs[13] == epochs[14] == epochs[15] >= 1.0, f"step 14 should lie inside a later epoch: {epochs}"
+    _assert_same_steps(c, a, range(14, 24))
 
 
 def test_ckpt_path_last_resumes_from_newest_last_ckpt(make_cfg, learnable_text: Path, tmp_path: Path) -> None:
