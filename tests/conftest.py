@@ -237,8 +237,8 @@ def toy_seq2seq_folder(family: str = "t5", vocab_size: int = 32, toy_words: bool
     return save_tiny_seq2seq(folder, family, vocab_size, words)
 
 
-#: overrides that fine-tune :func:`toy_seq2seq_folder`'s model with its own tokenizer
 def pretrained_seq2seq_overrides() -> list[str]:
+    """Overrides that fine-tune :func:`toy_seq2seq_folder`'s model with its own tokenizer."""
     folder = toy_seq2seq_folder()
     return [
         "model=hf_seq2seq",
