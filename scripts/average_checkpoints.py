@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lmlab.checkpoint import average_checkpoints
+from lmlab.runtime import user_errors
 
 
 def main() -> None:
@@ -23,8 +24,10 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="where to write the averaged checkpoint")
     args = parser.parse_args()
     out = Path(args.out)
+    with user_errors():
+        averaged = average_checkpoints(args.checkpoints)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(average_checkpoints(args.checkpoints), out)
+    torch.save(averaged, out)
     print(f"averaged {len(args.checkpoints)} checkpoints into {out}")
 
 

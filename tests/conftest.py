@@ -6,6 +6,8 @@ import atexit
 import functools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -299,3 +301,35 @@ def mt_overrides(folder: Path, *extra: str) -> list[str]:
         "scheduler.warmup_steps=10",
         *extra,
     ]
+
+
+# -- console scripts: each command starts a fresh interpreter (seconds of imports), so independent commands
+# run at the same time.
+class Command:
+    """A console command started in ``cwd`` as a user would type it; output goes to files beside it."""
+
+    def __init__(self, args: list[str], cwd: Path, name: str, env: dict[str, str] | None = None) -> None:
+        base = {k: v for k, v in os.environ.items() if k != "LMLAB_ROOT"}
+        env = {**base, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200",
+               **(env or {})}
+        self.cwd, self.out_path, self.err_path = cwd, cwd / f"{name}.stdout", cwd / f"{name}.stderr"
+        with self.out_path.open("w") as out, self.err_path.open("w") as err:
+            self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float = 300) -> Command:
+        if self.returncode is None:
+            try:
+                self.returncode = self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+            self.stdout, self.stderr = self.out_path.read_text(), self.err_path.read_text()
+        return self
+
+
+def script(name: str) -> str:
+    """The path of a console script installed beside this interpreter (or on PATH)."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else (shutil.which(name) or pytest.fail(f"console script {name} not found"))

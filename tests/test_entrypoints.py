@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from conftest import FAST
+from conftest import FAST, Command, script
 from lmlab.checkpoint import load_task
 from lmlab.config import config_dir
 from lmlab.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError, TokenizerError
@@ -34,7 +33,6 @@ from lmlab.train import resolve_ckpt_path, train
 
 CONF = Path(config_dir())
 FAST_OVERRIDES = [f"++{o}" for o in FAST]
-BIN = Path(sys.executable).parent
 
 
 def _learnable_text(path: Path) -> Path:
@@ -190,7 +188,8 @@ def test_ckpt_path_last_finds_newest_last_ckpt_of_the_task(trained: dict[str, An
     place("train/runs/old/checkpoints/last.ckpt", age=300)
     newest = place("train/multiruns/sweep/0/checkpoints/last.ckpt", age=100)
     place("train/runs/older/checkpoints/last.ckpt", age=200)
-    place("train/runs/other/checkpoints/step_000020.ckpt", age=0)  # not a resumable name
+    place("train/runs/other/checkpoints/step_000020.ckpt", age=150)  # a step checkpoint counts too, but is older
+    place("train/runs/other/checkpoints/samples.ckpt", age=0)  # not a checkpoint name lmlab writes
     place("other_task/runs/x/checkpoints/last.ckpt", age=0)  # another task_name
     assert resolve_ckpt_path(make_cfg(["ckpt_path=last"])) == str(newest)
     newest = place("train/runs/crashed/checkpoints/interrupted.ckpt", age=50)  # saved on Ctrl-C or a crash
@@ -264,36 +263,6 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(make_cfg, learnable_t
 
 
 # -- console scripts ------------------------------------------------------------------------------------
-# Each command starts a fresh interpreter (torch, Lightning: seconds of imports), so independent commands
-# run at the same time.
-class Command:
-    """A console command started in ``cwd`` as a user would type it; output goes to files beside it."""
-
-    def __init__(self, args: list[str], cwd: Path, name: str) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "LMLAB_ROOT"}
-        env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="200")
-        self.cwd, self.out_path, self.err_path = cwd, cwd / f"{name}.stdout", cwd / f"{name}.stderr"
-        with self.out_path.open("w") as out, self.err_path.open("w") as err:
-            self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
-        self.returncode: int | None = None
-
-    def wait(self, timeout: float = 300) -> Command:
-        if self.returncode is None:
-            try:
-                self.returncode = self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise
-            self.stdout, self.stderr = self.out_path.read_text(), self.err_path.read_text()
-        return self
-
-
-def _script(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else (shutil.which(name) or pytest.fail(f"console script {name} not found"))
-
-
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Command]:
     """``lmlab-train`` from a fresh directory; then ``lmlab-eval`` and ``lmlab-generate`` on its checkpoint.
@@ -304,18 +273,18 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Command]:
     text = _learnable_text(cwd / "input.txt")
     help_dir, bad_dir = tmp_path_factory.mktemp("cli_help"), tmp_path_factory.mktemp("cli_bad")
     commands = {
-        "train": Command([_script("lmlab-train"), *_train_overrides(text), "trainer.max_steps=10",
+        "train": Command([script("lmlab-train"), *_train_overrides(text), "trainer.max_steps=10",
                           "trainer.val_check_interval=5"], cwd, "train"),
         "help": Command([sys.executable, "-m", "lmlab.train", "--help"], help_dir, "help"),
-        "bad": Command([_script("lmlab-train"), "data=text_files", "data.source.train_files=/nonexistent.txt",
+        "bad": Command([script("lmlab-train"), "data=text_files", "data.source.train_files=/nonexistent.txt",
                         "print_config=false"], bad_dir, "bad"),
     }
     if commands["train"].wait().returncode == 0:
         report = json.loads(next((cwd / "logs" / "train" / "runs").glob("*/metrics.json")).read_text())
         ckpt = report["best_checkpoint"]
-        commands["eval"] = Command([_script("lmlab-eval"), f"ckpt_path={ckpt}"], cwd, "eval")
+        commands["eval"] = Command([script("lmlab-eval"), f"ckpt_path={ckpt}"], cwd, "eval")
         # prompt="the " with its quotes reaching Hydra (typed as 'prompt="the "' in a shell)
-        commands["generate"] = Command([_script("lmlab-generate"), f"ckpt_path={ckpt}", 'prompt="the "',
+        commands["generate"] = Command([script("lmlab-generate"), f"ckpt_path={ckpt}", 'prompt="the "',
                                         "max_new_tokens=20", "seed=0"], cwd, "generate")
     for command in commands.values():
         command.wait()

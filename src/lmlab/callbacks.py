@@ -1,4 +1,5 @@
-"""Callbacks that Lightning does not ship: token throughput and text samples during training."""
+"""Callbacks that Lightning does not ship (throughput, text samples, confusion matrices, checkpoints that are
+saved on interrupts and on a clock) and fixes to its ``ModelCheckpoint``."""
 
 from __future__ import annotations
 
@@ -61,20 +62,86 @@ class TokenThroughput(L.Callback):
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``, with ``last.ckpt`` written after every validation.
+    """Lightning's ``ModelCheckpoint``, with two fixes.
 
-    Lightning writes ``last.ckpt`` only when the same validation also saved a top-k checkpoint, so a
-    run whose metric stopped improving would resume from an old state and lose the steps since.
+    * ``last.ckpt`` is written after every validation. Lightning writes it only when the same validation
+      also saved a top-k checkpoint, so a run whose metric stopped improving would resume from an old
+      state and lose the steps since.
+    * A score is attached only to the weights it was computed on. With ``every_n_train_steps`` (or
+      ``train_time_interval``) and a monitored metric, Lightning saves at the step with the score of the
+      previous validation, so the best checkpoint could be chosen on another checkpoint's score; here a
+      save that falls due is made at the next validation, which scores the weights it saves.
     """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.monitor is None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if self._train_time_interval is not None:
+            now = time.monotonic()
+            elapsed = self._last_time_checked is not None and (
+                now - self._last_time_checked >= self._train_time_interval.total_seconds()
+            )
+            if trainer.strategy.broadcast(elapsed):  # rank 0 decides, so every rank saves at the same step
+                self._last_time_checked = now
+                due = True
+        if due:
+            self._defer_save_until_validation = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         if (
             self.save_last
+            and self._last_global_step_saved != trainer.global_step
             and not self._should_skip_saving_checkpoint(trainer)
             and not self._should_save_on_train_epoch_end(trainer)
         ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class PeriodicCheckpoint(L.Callback):
+    """Writes ``last.ckpt`` every ``every_minutes`` of training, between two batches, so a hard kill
+    (``kill -9``, a node failure) loses minutes of training, not everything since the last validation.
+
+    The checkpoint resumes exactly, like one written at validation. In multi-process runs rank 0's clock
+    decides, checked every ``check_every_n_steps`` steps, so all ranks save at the same step.
+    """
+
+    def __init__(self, dirpath: str, every_minutes: float | None = 5.0, filename: str = "last.ckpt",
+                 check_every_n_steps: int = 10) -> None:
+        self.path = Path(dirpath) / filename
+        self.every_seconds = None if every_minutes is None else 60.0 * every_minutes
+        self.check_every_n_steps = max(1, check_every_n_steps)
+        self._last_save: float | None = None
+        self._validated_at: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_save = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._validated_at = trainer.global_step
+            self._last_save = time.monotonic()  # validation has just written last.ckpt
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_seconds is None or self._last_save is None or trainer.global_step == 0:
+            return
+        if trainer.world_size > 1 and trainer.global_step % self.check_every_n_steps:
+            return
+        due = time.monotonic() - self._last_save >= self.every_seconds
+        if trainer.world_size > 1:
+            due = trainer.strategy.broadcast(due)
+        if due:
+            with _as_saved_between_batches(trainer, validated=self._validated_at == trainer.global_step):
+                trainer.save_checkpoint(self.path, weights_only=False)
+            self._last_save = time.monotonic()
 
 
 class GenerateSamples(L.Callback):
@@ -118,14 +185,26 @@ class GenerateSamples(L.Callback):
 
 
 class InterruptCheckpoint(L.Callback):
-    """Saves ``interrupted.ckpt`` when training stops on Ctrl-C or an error, so nothing is lost.
+    """Saves ``interrupted.ckpt`` when training stops early: on a stop signal (Ctrl-C, SIGTERM, SLURM's
+    requeue signal; see :mod:`lmlab.preemption`) or an error, during training or during a validation
+    inside training, so nothing is lost.
 
-    A non-finite loss is excluded: resuming from that state would only reproduce it.
+    The state saved is that of the last finished step; a validation that was cut short runs again after
+    the resume. Not saved: after a non-finite loss (resuming would only reproduce it), after a second
+    Ctrl-C (stop at once), and when no training batch ran in this process (the checkpoint it resumed from
+    is still the newest).
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
         self.path = Path(dirpath) / filename
+        self.saved: Path | None = None
         self._validated_at: int | None = None
+        self._trained = False
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._trained = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
@@ -133,11 +212,43 @@ class InterruptCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lmlab.errors import NonFiniteLossError
+        from lmlab.preemption import StopRequested
 
-        if isinstance(exception, NonFiniteLossError) or not trainer.training:
+        if (
+            isinstance(exception, NonFiniteLossError | KeyboardInterrupt | StopRequested)
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or not self._trained
+        ):
             return
-        with _as_saved_between_batches(trainer, validated=self._validated_at == trainer.global_step):
-            trainer.save_checkpoint(self.path)
+        if trainer.validating:
+            with _as_saved_before_validation(trainer):
+                trainer.save_checkpoint(self.path, weights_only=False)
+        else:
+            with _as_saved_between_batches(trainer, validated=self._validated_at == trainer.global_step):
+                trainer.save_checkpoint(self.path, weights_only=False)
+        self.saved = self.path
+
+
+@contextlib.contextmanager
+def _as_saved_before_validation(trainer: L.Trainer) -> Iterator[None]:
+    """Save a validation inside training that was cut short as one that is about to start its first batch.
+
+    Lightning resumes such a checkpoint by running that validation (from its first batch, with fresh
+    metrics) before the next training step, as the uninterrupted run did.
+    """
+    progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+    trackers = (progress.total, progress.current)
+    saved = [(t.ready, t.started, t.processed, t.completed) for t in trackers]
+    before = progress.total.completed - progress.current.completed  # batches of earlier validations
+    for tracker, done in ((progress.total, before), (progress.current, 0)):
+        tracker.ready = tracker.started = done + 1
+        tracker.processed = tracker.completed = done
+    try:
+        yield
+    finally:
+        for t, (ready, started, processed, completed) in zip(trackers, saved, strict=True):
+            t.ready, t.started, t.processed, t.completed = ready, started, processed, completed
 
 
 @contextlib.contextmanager
@@ -148,23 +259,31 @@ def _as_saved_between_batches(trainer: L.Trainer, validated: bool) -> Iterator[N
     A batch that was fetched but not yet trained on is not counted: Lightning would restore it one batch
     late (validation and the logging step shifted by one); resuming simply redoes it. After a validation at
     this step, the logging step is saved one lower, as at validation end: on restart Lightning skips that
-    validation and counts the step then.
+    validation and counts the step then. Between two epochs (the last one finished, the next not begun) the
+    epoch's batch counter is saved as the next epoch will start it, at zero; otherwise the resumed run would
+    take the finished epoch's batches for the next one's.
     """
     loop = trainer.fit_loop.epoch_loop
     progress = loop.batch_progress
     trackers = (progress.total, progress.current)
-    saved = [(t.ready, t.started) for t in trackers], loop._batches_that_stepped
+    saved = [(t.ready, t.started, t.processed, t.completed) for t in trackers], loop._batches_that_stepped
+    saved_last = progress.is_last_batch
     if progress.total.processed == progress.total.completed:
         for t in trackers:
             t.ready = t.started = t.processed
         if validated:
             loop._batches_that_stepped -= 1
+    epochs = trainer.fit_loop.epoch_progress.current
+    if epochs.ready == epochs.completed:
+        progress.current.reset()
+        progress.is_last_batch = False
     try:
         yield
     finally:
-        for t, (ready, started) in zip(trackers, saved[0], strict=True):
-            t.ready, t.started = ready, started
+        for t, (ready, started, processed, completed) in zip(trackers, saved[0], strict=True):
+            t.ready, t.started, t.processed, t.completed = ready, started, processed, completed
         loop._batches_that_stepped = saved[1]
+        progress.is_last_batch = saved_last
 
 
 class ConfusionMatrixLogger(L.Callback):

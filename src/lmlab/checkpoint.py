@@ -1,26 +1,134 @@
-"""Loading lmlab checkpoints safely (``weights_only``) and checking they match the config."""
+"""Loading lmlab checkpoints safely and checking they match the config.
+
+A checkpoint may come from anyone, so loading one never runs code: the file is read with
+``torch.load(weights_only=True)`` (tensors and plain values only), and every ``_target_`` in the
+configs that loading builds from (the task, the network, the data and tokenizer settings) must
+name an object on :mod:`lmlab.registry`'s allow-list before anything is built. Interpolations
+(``${...}``) there are refused too: stored configs are resolved, and a resolver call could only be
+an attempt to reach the environment or run code. The rest of the stored run config (callbacks,
+loggers, optimizer) is kept as inert data and never built from a checkpoint.
+"""
 
 from __future__ import annotations
 
+import inspect
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.config import locate
-from lmlab.errors import CheckpointMismatchError, ConfigError
+from lmlab import registry
+from lmlab.config import accepted_keys, locate
+from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, UnsafeCheckpointError
 from lmlab.tasks.base import TaskModule
+
+#: the configs loading builds from, and the kind of object the ``_target_`` at their top must be (nested
+#: targets: any registered kind)
+BUILT_FROM = {
+    "hyper_parameters.model": "network",
+    "lmlab.config.model": "network",
+    "lmlab.config.data": "data",
+    "lmlab.config.data.source": "source",
+    "lmlab.config.tokenizer": "tokenizer",
+}
+#: a Hugging Face config key that points transformers at custom model code
+_REMOTE_CODE_KEY = "auto_map"
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict, loaded without unpickling arbitrary objects."""
+    """The checkpoint dict, read without unpickling objects and checked by :func:`verify_checkpoint`."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path: no checkpoint at '{path}'.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "lmlab" not in ckpt:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err) or _is_pickle_stream(path):
+            raise UnsafeCheckpointError(
+                f"Refusing to load '{path}': it holds pickled Python objects, which could run code when loaded. "
+                "lmlab checkpoints hold only tensors and plain values; get the checkpoint from its lmlab run."
+            ) from None
+        raise _unreadable(path, err) from None
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise _unreadable(path, err) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("lmlab"), dict):
         raise CheckpointMismatchError(f"'{path}' is not an lmlab checkpoint (it has no 'lmlab' section).")
+    verify_checkpoint(ckpt, path)
     return ckpt
+
+
+def _is_pickle_stream(path: Path) -> bool:
+    """A bare pickle (protocol 2 or later opens with PROTO), not torch's zip format."""
+    with path.open("rb") as f:
+        return f.read(1) == pickle.PROTO
+
+
+def _unreadable(path: Path, err: BaseException) -> CheckpointError:
+    size = path.stat().st_size
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    return CheckpointError(
+        f"'{path}' ({size} bytes) is not a readable checkpoint: truncated, empty or not a checkpoint file "
+        f"({type(err).__name__}: {reason}). Use another checkpoint of the run (last.ckpt, interrupted.ckpt or "
+        "step_*.ckpt), or ckpt_path=last to pick the newest one that loads."
+    )
+
+
+def verify_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint whose task, network, data or tokenizer config names anything outside the
+    allow-list (nested ``_target_``s, ``_args_`` lists and ``_partial_`` nodes alike), holds an
+    interpolation, or points transformers at custom code."""
+    extras = ckpt["lmlab"]
+    task = extras.get("task")
+    if not registry.is_allowed(task, "task"):
+        raise _refused(path, "lmlab.task", task, "task")
+    for key in ("hyper_parameters.model", "lmlab.config.model", "lmlab.config.data", "lmlab.config.tokenizer"):
+        _verify_node(_get(ckpt, key), key, path)
+    # the data_info values the task hands to the network's config
+    data_info = _get(ckpt, "hyper_parameters.data_info") or {}
+    for name in getattr(locate(task), "network_inputs", ()):
+        _verify_node(data_info.get(name) if isinstance(data_info, dict) else None,
+                     f"hyper_parameters.data_info.{name}", path)
+
+
+def _get(ckpt: dict[str, Any], key: str) -> Any:
+    node: Any = ckpt
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _verify_node(node: Any, key: str, path: str | Path) -> None:
+    if isinstance(node, str):
+        if "${" in node:
+            raise UnsafeCheckpointError(
+                f"Refusing to load '{path}': {key} holds the interpolation {node[:80]!r}. Stored configs are "
+                "resolved, so an interpolation or resolver call there is not from an lmlab run."
+            )
+        return
+    if isinstance(node, list | tuple):
+        for i, item in enumerate(node):
+            _verify_node(item, f"{key}.{i}", path)
+        return
+    if not isinstance(node, dict):
+        return
+    if "_target_" in node and not registry.is_allowed(node["_target_"], BUILT_FROM.get(key)):
+        raise _refused(path, f"{key}._target_", node["_target_"], BUILT_FROM.get(key))
+    if _REMOTE_CODE_KEY in node:
+        raise UnsafeCheckpointError(
+            f"Refusing to load '{path}': {key}.{_REMOTE_CODE_KEY} points transformers at custom model code, "
+            "which lmlab never runs from a checkpoint."
+        )
+    for child_key, child in node.items():
+        _verify_node(child, f"{key}.{child_key}", path)
+
+
+def _refused(path: str | Path, key: str, target: Any, kind: str | None) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"Refusing to load '{path}': {key} is {target!r}, which is not a {registry.describe(kind)} that lmlab "
+        "allows a checkpoint to build (loading a checkpoint never runs other code). If it is your own class, "
+        "register it with @lmlab.registry.register in a module of the 'lmlab.plugins' entry-point group."
+    )
 
 
 def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[TaskModule, dict[str, Any]]:
@@ -28,9 +136,40 @@ def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> tup
     ckpt = read_checkpoint(path)
     extras = ckpt["lmlab"]
     task_cls = locate(extras["task"])
-    task = task_cls(**ckpt["hyper_parameters"], tokenizer_state=extras["tokenizer"], run_config=extras["config"])
-    task.load_state_dict(ckpt["state_dict"])
-    return task.to(map_location), extras["config"] or {}
+    hyper = ckpt.get("hyper_parameters")
+    if not isinstance(hyper, dict) or not {"model", "data_info"} <= set(hyper) or "state_dict" not in ckpt:
+        raise CheckpointMismatchError(f"'{path}' holds no task hyperparameters and weights; it cannot be rebuilt.")
+    unexpected = sorted(set(hyper) - _init_keys(task_cls))
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"'{path}' has hyperparameters {', '.join(unexpected)} that {task_cls.__name__} does not take; it was "
+            "written by another program or lmlab version."
+        )
+    try:
+        # the optimizer and schedule are for training: a loaded task never builds them
+        built = {**hyper, "optimizer": None, "scheduler": None}
+        task = task_cls(**built, tokenizer_state=extras.get("tokenizer"), run_config=extras.get("config"))
+        task.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise CheckpointMismatchError(
+            f"'{path}' cannot be rebuilt as a {task_cls.__name__} ({type(err).__name__}: {reason})."
+        ) from None
+    return task.to(map_location), extras.get("config") or {}
+
+
+def _init_keys(cls: type) -> set[str]:
+    """Keyword names a class's constructor takes, following ``**kwargs`` up to the base classes."""
+    keys: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        accepted = accepted_keys(klass)
+        if accepted is not None:
+            return keys | accepted
+        params = inspect.signature(klass.__init__).parameters.values()
+        keys |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    return keys
 
 
 def check_matches(ckpt_config: dict[str, Any], requested: dict[str, Any] | None, key: str, path: str) -> None:

@@ -61,7 +61,9 @@ class TrainSchema:
 
 
 def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
-    """Fail fast on unknown keys and bad values anywhere in ``cfg``."""
+    """Fail fast on unknown keys, missing values and bad values anywhere in ``cfg``."""
+    from lmlab.values import check_top_level
+
     if schema is not None:
         try:
             OmegaConf.merge(OmegaConf.structured(schema), cfg)
@@ -72,7 +74,9 @@ def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
                 f"Invalid config key '{err.full_key}': {reason}. Check the key's spelling and type."
             ) from None
         check_task_data(cfg)
+    check_missing(cfg)
     check_targets(cfg)
+    check_top_level(cfg)
 
 
 def check_task_data(cfg: DictConfig) -> None:
@@ -165,12 +169,56 @@ def check_targets(node: Any, path: str = "") -> None:
                     f"Unknown config key '{_join(path, key)}' for {target_name}.{hint} "
                     f"Valid keys: {', '.join(sorted(accepted))}."
                 )
+        from lmlab.values import check_target_values
+
+        check_target_values(target, _plain_values(node, keys), path)
     for key in keys:
         if key in _HYDRA_KEYS:
             continue
         child = node._get_node(key)
         if isinstance(child, DictConfig | ListConfig):
             check_targets(child, _join(path, key))
+
+
+def _plain_values(node: DictConfig, keys: list[str]) -> dict[str, Any]:
+    """The node's set, resolvable scalar values (missing ``???`` ones are reported by :func:`check_missing`)."""
+    values = {}
+    for key in keys:
+        if key in _HYDRA_KEYS or OmegaConf.is_missing(node, key):
+            continue
+        try:
+            value = node[key]
+        except OmegaConfBaseException:
+            continue
+        if not isinstance(value, DictConfig | ListConfig):
+            values[key] = value
+    return values
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Every ``???`` value must be given: name the first one and how to give it."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        others = f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise ConfigError(f"{missing[0]} is required: add {missing[0]}=<value> to the command{others}.")
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """An accelerator or device that this machine does not have fails at once, not inside Lightning."""
+    import torch
+
+    wanted = [(key, str(value)) for key in ("trainer.accelerator", "device")
+              if (value := OmegaConf.select(cfg, key)) is not None]
+    for key, value in wanted:
+        kind = value.split(":")[0].lower()
+        if kind in {"gpu", "cuda"} and not torch.cuda.is_available():
+            fix = "trainer=cpu" if key == "trainer.accelerator" else "device=cpu"
+            raise ConfigError(
+                f"{key}={value}, but torch finds no CUDA GPU on this machine (torch {torch.__version__}). "
+                f"Use {fix}, or install a CUDA build of torch on a machine with a GPU."
+            )
+        if kind == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(f"{key}={value}, but Apple's MPS backend is not available here. Use cpu instead.")
 
 
 def _join(path: str, key: str) -> str:

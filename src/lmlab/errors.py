@@ -21,9 +21,25 @@ class TokenizerError(LmlabError):
     """Text cannot be encoded by the tokenizer, or a tokenizer does not match a checkpoint."""
 
 
+class CheckpointError(LmlabError):
+    """A checkpoint file cannot be read: truncated, empty, or not a checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint asks to build something outside lmlab's allow-list, or holds pickled objects."""
+
+
 class CheckpointMismatchError(LmlabError):
     """A checkpoint does not match the model or tokenizer the config asks for."""
 
 
 class NonFiniteLossError(LmlabError):
     """Training produced a NaN or infinite loss."""
+
+
+class RunInterrupted(LmlabError):
+    """Training was stopped by a signal; what was saved and how to resume is in the message."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from lmlab.checkpoint import check_matches, load_task
-from lmlab.config import config_dir, validate_config
+from lmlab.cli import lmlab_main
+from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import instantiate, to_plain, user_errors
 
@@ -22,6 +22,7 @@ _STAGES = {"validation", "test"}
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg, schema=None)
+    check_devices(cfg)
     unknown = set(cfg.splits) - _STAGES
     if unknown:
         raise ConfigError(f"splits: unknown split(s) {sorted(unknown)}; use validation and/or test.")
@@ -48,7 +49,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+@lmlab_main("eval")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         evaluate(cfg)

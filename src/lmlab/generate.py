@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import check_matches, load_task
-from lmlab.config import config_dir, validate_config
+from lmlab.cli import lmlab_main
+from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import to_plain, user_errors
 
 
 def generate_samples(cfg: DictConfig) -> list[str]:
     validate_config(cfg, schema=None)
-    if cfg.max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {cfg.max_new_tokens}.")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {cfg.top_p}.")
+    check_devices(cfg)
     device = torch.device(cfg.device)
     task, run_cfg = load_task(cfg.ckpt_path, map_location=device)
     if not hasattr(task, "generate_text"):
@@ -30,7 +27,7 @@ def generate_samples(cfg: DictConfig) -> list[str]:
     )
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate")
+@lmlab_main("generate")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         samples = generate_samples(cfg)

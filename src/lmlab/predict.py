@@ -11,12 +11,12 @@ import json
 import logging
 from typing import Any, TextIO
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_task
-from lmlab.config import config_dir, validate_config
+from lmlab.cli import lmlab_main
+from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import user_errors
 from lmlab.textio import open_output, read_input_lines
@@ -36,8 +36,7 @@ def read_texts(source: str | None) -> list[tuple[int, str]]:
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     validate_config(cfg, schema=None)
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}.")
+    check_devices(cfg)
     task, _ = load_task(cfg.ckpt_path, map_location=torch.device(cfg.device))
     if not hasattr(task, "predict_proba"):
         raise ConfigError(f"'{cfg.ckpt_path}' is not a text-classification checkpoint; lmlab-predict needs one.")
@@ -55,7 +54,7 @@ def write_jsonl(records: list[dict[str, Any]], out: TextIO) -> None:
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+@lmlab_main("predict")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         records = predict(cfg)

@@ -13,16 +13,20 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, RunInterrupted
 
 log = logging.getLogger("lmlab")
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Print an :class:`LmlabError` as one clear message and exit with status 1 (no traceback)."""
+    """Print an :class:`LmlabError` as one clear message and exit with status 1 (no traceback); a run
+    stopped by a signal exits with that signal's status."""
     try:
         yield
+    except RunInterrupted as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        raise SystemExit(stopped.exit_code) from None
     except LmlabError as err:
         log.error("%s: %s", type(err).__name__, err)
         print(f"error: {err}", file=sys.stderr)

@@ -20,8 +20,14 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFBackend
 
 from lmlab.errors import TokenizerError
+from lmlab.registry import register
 
 _ENCODE_CHUNK_LINES = 2048
+_WORD_SPECIALS = ("<pad>", "<unk>", "<eos>")
+_BPE_SPECIALS = ("<|endoftext|>", "<pad>")
+#: the smallest vocabularies that hold a tokenizer's fixed symbols and one learned token
+WORD_MIN_VOCAB = len(_WORD_SPECIALS) + 1
+BPE_MIN_VOCAB = 256 + len(_BPE_SPECIALS)  # every byte, then the specials; merges come on top
 
 
 class Tokenizer(ABC):
@@ -267,11 +273,13 @@ def _line_chunks(texts: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
+@register("tokenizer")
 def train_char(texts: Iterable[str], unk: bool = True) -> CharTokenizer:
     """Character vocabulary of the training text."""
     return CharTokenizer.train(texts, unk=unk)
 
 
+@register("tokenizer")
 def train_word(
     texts: Iterable[str],
     vocab_size: int = 30000,
@@ -293,12 +301,13 @@ def train_word(
         steps.append(pre_tokenizers.Punctuation(behavior="isolated"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
     trainer = trainers.WordLevelTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=["<pad>", "<unk>", "<eos>"]
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(_WORD_SPECIALS)
     )
     backend.train_from_iterator(_lines(texts), trainer=trainer)
     return HFTokenizer(backend, "word", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
+@register("tokenizer")
 def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> HFTokenizer:
     """Byte-level BPE (GPT-2 style): every string is representable, no unknown token needed."""
     backend = HFBackend(models.BPE())
@@ -307,7 +316,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=["<|endoftext|>", "<pad>"],
+        special_tokens=list(_BPE_SPECIALS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -315,6 +324,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
     return HFTokenizer(backend, "bpe", eos_token="<|endoftext|>", pad_token="<pad>")
 
 
+@register("tokenizer")
 def load_pretrained(
     texts: Iterable[str] | None = None,
     name_or_path: str = "gpt2",

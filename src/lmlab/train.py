@@ -8,44 +8,97 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from lmlab.callbacks import InterruptCheckpoint
 from lmlab.checkpoint import check_matches, read_checkpoint
-from lmlab.config import config_dir, locate, validate_config
+from lmlab.checkpoint_io import remove_stale_temporaries
+from lmlab.cli import lmlab_main
+from lmlab.config import check_devices, locate, validate_config
 from lmlab.distributed import end_job
-from lmlab.errors import CheckpointMismatchError, ConfigError
+from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, RunInterrupted
+from lmlab.preemption import (
+    StopSignals,
+    is_requeued_slurm_job,
+    mark_slurm_run,
+    requeue_signal_of,
+    requeue_slurm_job,
+    signal_name,
+    slurm_job_id,
+    slurm_runs,
+)
 from lmlab.runtime import instantiate, instantiate_dict, print_config, to_plain, user_errors
 from lmlab.tasks.base import TaskModule
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 log = logging.getLogger("lmlab")
-RESUMABLE = ("last.ckpt", "interrupted.ckpt")
+#: checkpoints ``ckpt_path=last`` may resume from: Lightning's, the interrupt save, the step-named top-k ones
+RESUMABLE = re.compile(r"(last|interrupted)(-v\d+)?\.ckpt|step_\d+.*\.ckpt|hpc_ckpt_\d+\.ckpt")
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path``: a file, or ``last`` for the newest resumable checkpoint of this ``task_name``."""
+    """``ckpt_path``: a file, or ``last`` for the newest checkpoint of this ``task_name`` that loads."""
+    point = resume_point(cfg)
+    return point[0] if point else None
+
+
+def resume_point(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint to resume from and its contents (read once, and checked against the allow-list).
+
+    ``ckpt_path=last`` takes the newest checkpoint (by time written) among ``last``, ``interrupted`` and
+    step checkpoints of this task's runs that really loads, skipping broken ones with a warning. A SLURM
+    job that was requeued resumes its own run without being asked.
+    """
     value = cfg.get("ckpt_path")
+    root = Path(cfg.paths.log_dir) / cfg.task_name
+    if not value and is_requeued_slurm_job():
+        runs = slurm_runs(root)
+        point = _newest_loadable([p for run in runs for p in _candidates(run)], f"SLURM job {slurm_job_id()}")
+        if point:
+            log.info("Requeued SLURM job %s: resuming from %s", slurm_job_id(), point[0])
+        return point
     if not value:
         return None
     if value == "last":
-        root = Path(cfg.paths.log_dir) / cfg.task_name
-        found = [p for p in root.glob("**/checkpoints/*.ckpt") if p.name in RESUMABLE]
-        if not found:
+        found = _candidates(root)
+        point = _newest_loadable(found, "ckpt_path=last")
+        if point is None:
+            what = "no checkpoint that loads" if found else "no last.ckpt, interrupted.ckpt or step_*.ckpt"
             raise ConfigError(
-                f"ckpt_path=last: no last.ckpt or interrupted.ckpt under '{root}'. "
-                "Give the checkpoint file instead: ckpt_path=/path/to/last.ckpt."
+                f"ckpt_path=last: {what} under '{root}'. Give the checkpoint file instead: "
+                "ckpt_path=/path/to/last.ckpt."
             )
-        return str(max(found, key=lambda p: p.stat().st_mtime))
+        log.info("ckpt_path=last: resuming from %s", point[0])
+        return point
     path = Path(value).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path: no checkpoint at '{path}'.")
-    return str(path)
+    return str(path), read_checkpoint(path)
+
+
+def _candidates(root: Path) -> list[Path]:
+    return [p for p in root.glob("**/checkpoints/*.ckpt") if RESUMABLE.fullmatch(p.name)]
+
+
+def _newest_loadable(paths: list[Path], what: str) -> tuple[str, dict[str, Any]] | None:
+    skipped = []
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as err:
+            skipped.append(f"{path} ({err})")
+            continue
+        if skipped:
+            log.warning("%s: skipped %d checkpoint(s) that do not load: %s", what, len(skipped), "; ".join(skipped))
+        return str(path), ckpt
+    if skipped:
+        log.warning("%s: no checkpoint loads: %s", what, "; ".join(skipped))
+    return None
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> L.LightningDataModule:
@@ -73,9 +126,8 @@ def build_task(cfg: DictConfig, datamodule: Any) -> TaskModule:
     )
 
 
-def check_resume(path: str, cfg: DictConfig, datamodule: Any) -> None:
+def check_resume(path: str, ckpt: dict[str, Any], cfg: DictConfig, datamodule: Any) -> None:
     """A resumed run must use the checkpoint's model, tokenizer and what the data fixes (e.g. its labels)."""
-    ckpt = read_checkpoint(path)
     extras = ckpt["lmlab"]
     check_matches(extras.get("config") or {}, to_plain(cfg.model), "model", path)
     check_data_matches(path, locate(extras["task"]), ckpt["hyper_parameters"].get("data_info") or {},
@@ -106,12 +158,16 @@ def _short(value: Any, limit: int = 120) -> str:
 
 def train(cfg: DictConfig) -> float | None:
     validate_config(cfg)
+    check_devices(cfg)
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resolve_ckpt_path(cfg)
+    remove_stale_temporaries(cfg.paths.log_dir)
+    # read, and checked against the allow-list, before any data is built
+    point = resume_point(cfg)
+    ckpt_path = point[0] if point else None
     datamodule = build_datamodule(cfg)
-    if ckpt_path:
-        check_resume(ckpt_path, cfg, datamodule)
+    if point is not None:
+        check_resume(point[0], point[1], cfg, datamodule)
         log.info("Resuming from %s", ckpt_path)
     task = build_task(cfg, datamodule)
 
@@ -135,7 +191,9 @@ def _fit_and_test(cfg: DictConfig, task: TaskModule, datamodule: Any, loggers: l
 
     metrics: dict[str, float] = {}
     if cfg.train:
-        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.is_global_zero:
+            mark_slurm_run(cfg.paths.output_dir)
+        _fit(cfg, trainer, task, datamodule, ckpt_path)
         metrics.update(_floats(trainer.callback_metrics))
     best = _best_checkpoint(trainer)
     if cfg.test:
@@ -149,6 +207,56 @@ def _fit_and_test(cfg: DictConfig, task: TaskModule, datamodule: Any, loggers: l
     if trainer.is_global_zero:
         _report(cfg, metrics, value, best)
     return value
+
+
+def _fit(cfg: DictConfig, trainer: L.Trainer, task: TaskModule, datamodule: Any, ckpt_path: str | None) -> None:
+    """``trainer.fit``, stopping cleanly on Ctrl-C, SIGTERM and the SLURM requeue signal (see
+    :mod:`lmlab.preemption`)."""
+    stop = StopSignals(requeue_signal_of(getattr(trainer.strategy, "cluster_environment", None)))
+    with stop:
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except BaseException:
+            if stop.received is None:
+                raise
+        else:
+            if stop.received is None:
+                return
+    raise _interrupted(cfg, trainer, stop)
+
+
+def _interrupted(cfg: DictConfig, trainer: L.Trainer, stop: StopSignals) -> RunInterrupted:
+    """What was saved, how to resume; the run's metrics.json records the stop."""
+    assert stop.received is not None
+    saved = next((cb.saved for cb in trainer.callbacks if isinstance(cb, InterruptCheckpoint) and cb.saved), None)
+    name = signal_name(stop.received)
+    if stop.forced:
+        what = f"at once on a second Ctrl-C at step {trainer.global_step}; nothing more was saved"
+    elif saved:
+        what = f"at step {trainer.global_step}; saved {saved}"
+    else:
+        what = f"at step {trainer.global_step} before a training step finished; nothing new to save"
+    resume = saved or _latest_saved(trainer)
+    message = f"Training stopped by {name} {what}."
+    if resume:
+        message += f" Resume with: lmlab-train <the same overrides> ckpt_path={resume} (or ckpt_path=last)."
+    if stop.requeue and trainer.is_global_zero:
+        message += " " + requeue_slurm_job() + "."
+    if trainer.is_global_zero:
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({
+            "status": "interrupted", "signal": signal.Signals(stop.received).name, "step": trainer.global_step,
+            "interrupted_checkpoint": str(saved) if saved else None, "resume_from": str(resume) if resume else None,
+            "metrics": _floats(trainer.callback_metrics), "overrides": _overrides(),
+        }, indent=2))
+    return RunInterrupted(message, exit_code=128 + stop.received)
+
+
+def _latest_saved(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "last_model_path", "") if callback else ""
+    return path if path and Path(path).is_file() else None
 
 
 def _finish_wandb(loggers: list[Any], failed: bool) -> None:
@@ -216,7 +324,7 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@lmlab_main("train")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
         return train(cfg)

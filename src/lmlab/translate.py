@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_task
-from lmlab.config import config_dir, validate_config
+from lmlab.cli import lmlab_main
+from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import user_errors
 from lmlab.tasks.translation import Decoding
@@ -25,8 +25,7 @@ DECODING_KEYS = ("beam_size", "length_penalty", "max_length_ratio", "max_length_
 
 def translate(cfg: DictConfig) -> list[str]:
     validate_config(cfg, schema=None)
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}.")
+    check_devices(cfg)
     task, _ = load_task(cfg.ckpt_path, map_location=torch.device(cfg.device))
     if not hasattr(task, "translate"):
         raise ConfigError(f"'{cfg.ckpt_path}' is not a translation checkpoint; lmlab-translate needs one.")
@@ -35,7 +34,7 @@ def translate(cfg: DictConfig) -> list[str]:
     return task.translate(read_input_lines(cfg.input), settings, batch_size=cfg.batch_size)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="translate")
+@lmlab_main("translate")
 def main(cfg: DictConfig) -> None:
     with user_errors():
         lines = translate(cfg)

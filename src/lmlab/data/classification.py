@@ -22,6 +22,7 @@ from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.batching import BucketBatchSampler, pad_batch
 from lmlab.data.tables import SplitTable, TableSource
 from lmlab.errors import DataError
+from lmlab.registry import register
 from lmlab.tokenizers import Tokenizer
 
 log = logging.getLogger("lmlab")
@@ -79,6 +80,7 @@ def _as_batch(batch: TextBatch) -> TextBatch:
     return batch
 
 
+@register("data")
 class ClassificationDataModule(TaskDataModule):
     """Labelled texts from a :class:`TableSource` (roles ``text`` and ``label``), tokenized once (cached).
 

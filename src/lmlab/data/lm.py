@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.text_sources import TextSource
 from lmlab.errors import DataError
+from lmlab.registry import register
 from lmlab.tokenizers import Tokenizer
 
 
@@ -93,6 +94,7 @@ class EpochBlockSampler(Sampler[int]):
             yield offset + block * self.block_size
 
 
+@register("data")
 class LMDataModule(TaskDataModule):
     """Tokenizes a :class:`TextSource` once (cached) and serves packed blocks."""
 

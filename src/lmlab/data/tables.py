@@ -17,6 +17,7 @@ import numpy as np
 
 from lmlab.data.files import file_signature, load_hub_dataset, load_table, read_text_file, resolve_files
 from lmlab.errors import DataError
+from lmlab.registry import register
 
 SPLITS = ("train", "validation", "test")
 
@@ -123,6 +124,7 @@ def _class_names(features: Any, columns: Mapping[str, str]) -> dict[str, list[st
     return names
 
 
+@register("source")
 class HubTable(TableSource):
     """A Hugging Face hub data set (``datasets.load_dataset(path, name)``), or local files through a
     builder (``path=parquet``, ``data_files=...``)."""
@@ -178,6 +180,7 @@ class HubTable(TableSource):
         }
 
 
+@register("source")
 class TableFiles(TableSource):
     """Local json/jsonl/csv/parquet files, given as paths or globs for each split."""
 
@@ -225,6 +228,7 @@ class TableFiles(TableSource):
         }
 
 
+@register("source")
 class AlignedTextFiles(TableSource):
     """Sentence pairs from two aligned plain-text files per split, one sentence per line (the layout of
     most parallel corpora): ``{source: train.en, target: train.de}``. The files of a split must have the

@@ -12,6 +12,7 @@ from typing import Any
 
 from lmlab.data.files import file_signature, load_hub_dataset, read_column, resolve_files
 from lmlab.errors import DataError
+from lmlab.registry import register
 
 SPLITS = ("train", "validation", "test")
 
@@ -38,6 +39,7 @@ class TextSource:
         raise NotImplementedError
 
 
+@register("source")
 class PydocTopics(TextSource):
     """English prose of Python's reference documentation, shipped in the standard library.
 
@@ -65,6 +67,7 @@ class PydocTopics(TextSource):
         }
 
 
+@register("source")
 class HubText(TextSource):
     """A Hugging Face hub data set with a text column (``datasets.load_dataset(path, name)``)."""
 
@@ -116,6 +119,7 @@ class HubText(TextSource):
         }
 
 
+@register("source")
 class TextFiles(TextSource):
     """Local text/json/jsonl/csv/parquet files, given as paths or globs for each split."""
 

@@ -24,6 +24,7 @@ from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.batching import BucketBatchSampler, EpochBatchSampler, TokenBudgetBatchSampler, pad_batch
 from lmlab.data.tables import SplitTable, TableSource
 from lmlab.errors import DataError
+from lmlab.registry import register
 from lmlab.tokenizers import Tokenizer, TokenizerPair
 
 log = logging.getLogger("lmlab")
@@ -98,6 +99,7 @@ def _as_batch(batch: PairBatch) -> PairBatch:
     return batch
 
 
+@register("data")
 class TranslationDataModule(TaskDataModule):
     """Sentence pairs from a :class:`TableSource` (roles ``source`` and ``target``), tokenized once (cached).
 

@@ -19,6 +19,7 @@ from lmlab.models.attention import Block, sinusoidal_positions
 from lmlab.models.embeddings import embedding_settings, make_embedding
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import RecurrentEncoder
+from lmlab.registry import register
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> str:
@@ -40,6 +41,7 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (x * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+@register("network")
 class RNNClassifier(nn.Module):
     """Embedding -> (bidirectional) LSTM/GRU over packed sequences -> max, mean or last-state pooling -> linear."""
 
@@ -64,6 +66,7 @@ class RNNClassifier(nn.Module):
         return self.head(self.drop(pooled))
 
 
+@register("network")
 class TextCNN(nn.Module):
     """Kim (2014): convolutions of several widths over word embeddings, max over time, linear."""
 
@@ -96,6 +99,7 @@ class TextCNN(nn.Module):
         return self.head(self.drop(torch.cat(pooled, dim=1)))
 
 
+@register("network")
 class TransformerClassifier(nn.Module):
     """A BERT-like pre-LN Transformer encoder with padding masks, pooled at a learned [CLS] vector or by mean.
 
@@ -145,6 +149,7 @@ class TransformerClassifier(nn.Module):
         return self.head(self.drop(pooled))
 
 
+@register("network")
 class BagOfNGrams(nn.Module):
     """fastText-style (Joulin et al. 2017): the mean of word and hashed n-gram embeddings, then a linear layer.
 
@@ -192,6 +197,7 @@ class BagOfNGrams(nn.Module):
         return self.head(self.drop(total / count.clamp(min=1)[:, None]))
 
 
+@register("network")
 class HFEncoderClassifier(nn.Module):
     """A pretrained Hugging Face encoder (hub name or local folder), pooled, with a new linear head.
     ``hf_config`` is set by lmlab checkpoints (see :mod:`lmlab.models.pretrained`)."""

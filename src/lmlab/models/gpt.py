@@ -9,10 +9,12 @@ from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.models.attention import KV, Block
+from lmlab.registry import register
 
 KVCache = list[KV]
 
 
+@register("network")
 class GPT(nn.Module):
     """Decoder-only Transformer language model (the nanoGPT architecture)."""
 

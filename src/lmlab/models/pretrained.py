@@ -30,7 +30,7 @@ def load_pretrained_model(
         ) from None
     if hf_config is not None:
         config = transformers.AutoConfig.for_model(**hf_config)
-        return getattr(transformers, auto_class).from_config(config).train()
+        return getattr(transformers, auto_class).from_config(config, trust_remote_code=False).train()
     local = Path(name_or_path).expanduser()
     if not local.exists() and name_or_path.startswith((".", "/", "~")):
         raise ConfigError(
@@ -38,7 +38,9 @@ def load_pretrained_model(
             "or give a Hugging Face hub name."
         )
     try:
-        model = getattr(transformers, auto_class).from_pretrained(str(local) if local.exists() else name_or_path)
+        model = getattr(transformers, auto_class).from_pretrained(
+            str(local) if local.exists() else name_or_path, trust_remote_code=False
+        )
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())  # on one line
         if local.exists():

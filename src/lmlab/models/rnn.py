@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.registry import register
 
 _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
+@register("network")
 class RecurrentLM(nn.Module):
     """Embedding -> stacked recurrent layers -> linear decoder (optionally tied to the embedding)."""
 

@@ -29,6 +29,7 @@ from lmlab.models.attention import KV, Block, DecoderBlock, sinusoidal_positions
 from lmlab.models.classifiers import valid_mask
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import CELLS, RecurrentEncoder
+from lmlab.registry import register
 
 Memory = dict[str, Any]
 State = Any
@@ -120,6 +121,7 @@ class MultiplicativeAttention(nn.Module):
 ATTENTIONS = {"additive": AdditiveAttention, "multiplicative": MultiplicativeAttention}
 
 
+@register("network")
 class RecurrentSeq2Seq(Seq2SeqFromScratch):
     """GRU or LSTM encoder-decoder with attention and input feeding (Luong et al. 2015).
 
@@ -229,6 +231,7 @@ class RecurrentSeq2Seq(Seq2SeqFromScratch):
 
 
 # -- Transformer ----------------------------------------------------------------------------------------
+@register("network")
 class TransformerSeq2Seq(Seq2SeqFromScratch):
     """Pre-LayerNorm Transformer encoder-decoder (Vaswani et al. 2017) with fused SDPA attention.
 
@@ -348,6 +351,7 @@ class TransformerSeq2Seq(Seq2SeqFromScratch):
 
 
 # -- pretrained -----------------------------------------------------------------------------------------
+@register("network")
 class PretrainedSeq2Seq(Seq2SeqNetwork):
     """A pretrained Hugging Face encoder-decoder (T5, BART, Marian, mBART, ...) from a hub name or a local
     folder, fine-tuned whole.

@@ -23,11 +23,13 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from lmlab.data.batching import pad_batch
 from lmlab.data.classification import TextBatch
 from lmlab.errors import ConfigError, TokenizerError
+from lmlab.registry import register
 from lmlab.tasks.base import TaskModule
 
 log = logging.getLogger("lmlab")
 
 
+@register("task")
 class ClassificationTask(TaskModule):
     """Trains a text classifier; logs ``{split}/loss``, ``/acc``, ``/f1`` (macro) and ``/auroc``.
 

@@ -12,11 +12,13 @@ from torchmetrics import MeanMetric
 
 from lmlab.errors import TokenizerError
 from lmlab.generation import generate
+from lmlab.registry import register
 from lmlab.tasks.base import TaskModule
 
 _SPLIT_NAMES = {"val": "validation", "test": "test"}
 
 
+@register("task")
 class LanguageModelingTask(TaskModule):
     """Trains a language model; logs ``{split}/loss``, ``{split}/ppl`` and ``{split}/bpc``."""
 

@@ -19,6 +19,7 @@ from lmlab.data.translation import PairBatch, encode_sources
 from lmlab.decoding import beam_search, greedy_decode, max_target_lengths
 from lmlab.errors import ConfigError, TokenizerError
 from lmlab.metrics import CorpusScore
+from lmlab.registry import register
 from lmlab.tasks.base import TaskModule
 from lmlab.tokenizers import TokenizerPair
 
@@ -54,6 +55,7 @@ class Decoding:
         return settings
 
 
+@register("task")
 class TranslationTask(TaskModule):
     """Trains a translation model; logs ``{split}/loss`` (per target token, without smoothing) and
     ``{split}/ppl`` every evaluation, and ``{split}/bleu`` (sacreBLEU with its default 13a tokenization, 0-100) and

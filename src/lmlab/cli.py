@@ -1,0 +1,107 @@
+"""Console entry points: Hydra's main, with the errors Hydra reports itself turned into one clear line.
+
+Hydra prints composition errors with its own wording; for a key that does not exist it suggests adding it
+with ``+``, which is the wrong fix for a typo. Here such errors name the key and the closest valid key, a
+run folder that cannot be written names the folder and the fix, and every error ends the process with
+status 1 and no traceback. ``HYDRA_FULL_ERROR=1`` still shows full tracebacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import errno
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import hydra
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from lmlab.config import config_dir
+
+#: marks that lmlab (not the user) set HYDRA_FULL_ERROR, so child processes report errors the same way
+_OURS = "LMLAB_HYDRA_ERRORS"
+
+
+def lmlab_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """Decorator for an entry point's task function, in place of ``hydra.main``."""
+
+    def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        hydra_main = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)
+
+        @functools.wraps(task)
+        def run() -> Any:
+            with hydra_errors():
+                return hydra_main()
+
+        return run
+
+    return wrap
+
+
+@contextlib.contextmanager
+def hydra_errors() -> Iterator[None]:
+    user_wants_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_OURS) != "1"
+    if not user_wants_tracebacks:
+        # Hydra then raises what it would print; the message is composed here
+        os.environ["HYDRA_FULL_ERROR"] = os.environ[_OURS] = "1"
+    try:
+        yield
+    except Exception as err:
+        message = None if user_wants_tracebacks else explain(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def explain(err: BaseException) -> str | None:
+    """The one-line message for an error Hydra reports (``None``: not one of those, keep the traceback)."""
+    cause = err.__cause__
+    if isinstance(err, ConfigCompositionException) and isinstance(cause, ConfigAttributeError | ConfigKeyError):
+        unknown = _unknown_key(err, cause)
+        if unknown:
+            return unknown
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return (
+            f"cannot write '{err.filename}' ({err.strerror}). Run from a folder you can write to, or set "
+            "LMLAB_ROOT=/a/writable/folder (or paths.root_dir=...)."
+        )
+    if isinstance(err, MissingConfigException) and err.options:
+        # "Could not find 'model/gtp'" and the options, without Hydra's search path
+        head = str(err).split("\n")[0].strip()
+        return f"{head}. Available options: {', '.join(err.options)}."
+    if isinstance(err, HydraException | OmegaConfBaseException):
+        text = str(err).strip()
+        if isinstance(cause, OmegaConfBaseException) and str(cause) not in text:
+            text += f" ({' '.join(str(cause).split())})"
+        return text
+    return None
+
+
+def _unknown_key(err: BaseException, cause: OmegaConfBaseException) -> str | None:
+    """``model.n_layr=4``: the key does not exist; name the closest one that does."""
+    parent, key, full_key = cause.parent_node, cause.key, cause.full_key
+    if not isinstance(parent, DictConfig) or key is None or not full_key:
+        return None
+    value = re.search(r"use \+\S+?=(.*)$", str(err))
+    given = value.group(1) if value else "..."
+    prefix = full_key.rpartition(".")[0]
+    valid = sorted(str(k) for k in parent.keys() if not str(k).startswith("_"))
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    place = f"'{prefix}'" if prefix else "the config"
+    suggestion = f" Did you mean {_join(prefix, close[0])}={given}?" if close else ""
+    return (
+        f"{full_key} is not a key of {place}.{suggestion} Valid keys: {', '.join(valid)}. "
+        f"(To add a new key on purpose, write +{full_key}={given}.)"
+    )
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key

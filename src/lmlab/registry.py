@@ -1,0 +1,108 @@
+"""The allow-list of what a checkpoint may ask lmlab to build.
+
+A checkpoint stores configs with ``_target_`` keys (the network, the data module, the tokenizer, the
+task), and loading one builds those objects. People load checkpoints made by others, so a target
+read from a checkpoint is built only when it names an object on this list; anything else is refused
+before any object is created or any module outside lmlab is imported.
+
+The list holds the objects registered with :func:`register`: lmlab's own networks, data modules,
+data sources, tokenizer builders and tasks, and those of plugins (a package that declares a module
+in the ``lmlab.plugins`` entry-point group, whose import registers its classes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+#: what each kind of registered object is, as a user reads it in a refusal
+KINDS = {
+    "network": "network",
+    "data": "data module",
+    "source": "data source",
+    "tokenizer": "tokenizer builder",
+    "task": "task",
+}
+
+_registered: dict[str, list[Any]] = {kind: [] for kind in KINDS}
+_plugins_loaded = False
+
+
+def register(kind: str) -> Callable[[T], T]:
+    """Class or function decorator: checkpoints may build this object as a ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown registry kind {kind!r}; one of {', '.join(KINDS)}")
+
+    def add(obj: T) -> T:
+        if not any(obj is known for known in _registered[kind]):
+            _registered[kind].append(obj)
+        return obj
+
+    return add
+
+
+def describe(kind: str | None) -> str:
+    """A kind as a user reads it (``None``: any kind)."""
+    if kind is None:
+        return "lmlab-registered class"
+    return KINDS.get(kind, kind)
+
+
+def is_allowed(target: str, kind: str | None = None) -> bool:
+    """Whether ``target`` (a dotted path) names an allowed object of ``kind`` (``None``: of any kind).
+
+    Only lmlab's own modules and modules already imported are looked into: a path into any other
+    module is refused without importing it.
+    """
+    if not isinstance(target, str) or not target or any(part.startswith("_") for part in target.split(".")):
+        return False
+    _load_plugins()
+    obj = _resolve(target)
+    if obj is None:
+        return False
+    kinds = [kind] if kind is not None else list(KINDS)
+    return any(obj is known for each in kinds for known in _registered[each])
+
+
+def _import(name: str) -> ModuleType | None:
+    """The module ``name`` if it is already imported or is one of lmlab's own."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if name != "lmlab" and not name.startswith("lmlab."):
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _resolve(target: str) -> Any:
+    """The object a dotted path names, looking only into modules :func:`_import` allows; else ``None``."""
+    parts = target.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = _import(".".join(parts[:cut]))
+        if module is None:
+            continue
+        obj: Any = module
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                return None
+        return obj
+    return None
+
+
+def _load_plugins() -> None:
+    """Import the modules that installed packages declare in the ``lmlab.plugins`` entry-point group."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in entry_points(group="lmlab.plugins"):
+        entry.load()
