@@ -45,7 +45,7 @@ SHARED = REPO.parent / "shared" / "data"
 RUN = ["model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.dropout=0.1", "data.block_size=64",
        "data.batch_size=8", "trainer.max_steps=400", "trainer.val_check_interval=100",
        "trainer.limit_val_batches=4", "trainer.log_every_n_steps=1", "test=false", "print_config=false",
-       "callbacks.periodic_checkpoint.every_minutes=0.05", "trainer.enable_progress_bar=false"]
+       "callbacks.periodic_checkpoint.every_minutes=0.05", "callbacks.rich_progress_bar=null"]
 
 
 def command(name: str, *args: str) -> list[str]:
@@ -337,12 +337,13 @@ def bad_inputs(work: Path, ckpt: Path) -> dict[str, list[str]]:
         "generate zero tokens": [gen, ck, "max_new_tokens=0"],
         "generate top_p 0": [gen, ck, "top_p=0"],
         "generate with another model": [gen, ck, "model=lstm"],
-        "generate outside the character vocabulary": [gen, ck, "prompt=\u2603"],
+        "generate outside the character vocabulary": [gen, ck, "prompt='\u2603'"],
+        "generate with an unquoted non-ASCII prompt": [gen, ck, "prompt=\u2603"],
         "generate on a cuda device without one": [gen, ck, "device=cuda"] if not torch.cuda.is_available()
         else [gen, ck, "device=nonsense"],
         "predict with a language model": ["lmlab-predict", ck, f"input={empty}"],
         "predict zero batch size": ["lmlab-predict", ck, "batch_size=0"],
-        "predict missing input file": ["lmlab-predict", ck, "input=/no/such.txt"],
+        "generate negative top_k": [gen, ck, "top_k=-1"],
         "translate with a language model": ["lmlab-translate", ck, f"input={empty}"],
         "translate zero beam": ["lmlab-translate", ck, "beam_size=0"],
         "read-only run folder": [train, "trainer.max_steps=2"],

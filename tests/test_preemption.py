@@ -159,6 +159,7 @@ def test_periodic_checkpoint_between_validations_resumes_exactly(
     keep = [f"+callbacks.keep._target_={__name__}.CopyLastAt", "+callbacks.keep.step=13",
             f"+callbacks.keep.to={tmp_path / 'kept.ckpt'}"]
     _train(make_cfg, [*base, *keep], tmp_path / "B")
+    assert not list((tmp_path / "B" / "checkpoints").glob("last-v*.ckpt")), "one last.ckpt, not versions of it"
     kept = torch.load(tmp_path / "kept.ckpt", weights_only=True)
     assert kept["global_step"] == 13, "written as step 14 starts, between the validations at 10 and 15"
     _train(make_cfg, [*_run_base(learnable_text), f"ckpt_path={tmp_path / 'kept.ckpt'}"], tmp_path / "C")

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -105,23 +105,31 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
 
 class PeriodicCheckpoint(L.Callback):
-    """Writes ``last.ckpt`` every ``every_minutes`` of training, between two batches, so a hard kill
+    """Rewrites ``last.ckpt`` every ``every_minutes`` of training, between two batches, so a hard kill
     (``kill -9``, a node failure) loses minutes of training, not everything since the last validation.
 
-    The checkpoint resumes exactly, like one written at validation. In multi-process runs rank 0's clock
-    decides, checked every ``check_every_n_steps`` steps, so all ranks save at the same step.
+    The save goes through the run's :class:`ModelCheckpoint` (its ``last.ckpt``, which it needs
+    ``save_last`` for), and resumes exactly, like one written at validation. In multi-process runs rank 0's
+    clock decides, checked every ``check_every_n_steps`` steps, so all ranks save at the same step.
     """
 
-    def __init__(self, dirpath: str, every_minutes: float | None = 5.0, filename: str = "last.ckpt",
-                 check_every_n_steps: int = 10) -> None:
-        self.path = Path(dirpath) / filename
+    def __init__(self, every_minutes: float | None = 5.0, check_every_n_steps: int = 10) -> None:
         self.every_seconds = None if every_minutes is None else 60.0 * every_minutes
-        self.check_every_n_steps = max(1, check_every_n_steps)
+        self.check_every_n_steps = check_every_n_steps
         self._last_save: float | None = None
         self._validated_at: int | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_save = time.monotonic()
+        if self.every_seconds is not None and not self._writer(trainer):
+            rank_zero_warn("callbacks.periodic_checkpoint has nothing to write with: it needs "
+                           "callbacks.model_checkpoint with save_last=true.")
+
+    @staticmethod
+    def _writer(trainer: L.Trainer) -> ModelCheckpoint | None:
+        callback = trainer.checkpoint_callback
+        # save_last="link" would link an older top-k file, not these weights
+        return callback if isinstance(callback, ModelCheckpoint) and callback.save_last is True else None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
@@ -131,7 +139,8 @@ class PeriodicCheckpoint(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.every_seconds is None or self._last_save is None or trainer.global_step == 0:
+        writer = self._writer(trainer)
+        if writer is None or self.every_seconds is None or self._last_save is None or trainer.global_step == 0:
             return
         if trainer.world_size > 1 and trainer.global_step % self.check_every_n_steps:
             return
@@ -140,7 +149,7 @@ class PeriodicCheckpoint(L.Callback):
             due = trainer.strategy.broadcast(due)
         if due:
             with _as_saved_between_batches(trainer, validated=self._validated_at == trainer.global_step):
-                trainer.save_checkpoint(self.path, weights_only=False)
+                writer._save_last_checkpoint(trainer, writer._monitor_candidates(trainer))
             self._last_save = time.monotonic()
 
 

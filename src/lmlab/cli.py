@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import hydra
-from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -72,6 +72,12 @@ def explain(err: BaseException) -> str | None:
         return (
             f"cannot write '{err.filename}' ({err.strerror}). Run from a folder you can write to, or set "
             "LMLAB_ROOT=/a/writable/folder (or paths.root_dir=...)."
+        )
+    if isinstance(err, OverrideParseException):
+        reason = str(err).strip().splitlines()[0]
+        return (
+            f"cannot read the override '{err.override}' ({reason}). Quote a value that holds spaces, punctuation "
+            "or non-ASCII characters: key='the value' (typed in a shell: \"key='the value'\")."
         )
     if isinstance(err, MissingConfigException) and err.options:
         # "Could not find 'model/gtp'" and the options, without Hydra's search path
