@@ -109,7 +109,7 @@ def checkpoints(folder: Path, pattern: str) -> list[Path]:
 
 # -- kills -------------------------------------------------------------------------------------------------
 def trial_kills(work: Path, n: int, rng: random.Random, straight: dict[int, float]) -> dict[str, Any]:
-    survived, torn_blocks, results = 0, 0, []
+    survived, torn_blocks, saves_cut, results = 0, 0, 0, []
     for i in range(n):
         during_save = i % 2 == 1
         folder = work / f"kill{i}"
@@ -122,14 +122,17 @@ def trial_kills(work: Path, n: int, rng: random.Random, straight: dict[int, floa
         killed = proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        mid_save = bool(checkpoints(folder, ".*.tmp"))  # a write the kill cut short
         code = run(command("lmlab-train", *RUN, "ckpt_path=last"), folder)
         first = resumed_step(folder)
         ok = killed and code == 0 and first is not None and same_from(losses(folder), straight, first)
         torn_blocks += int(code != 0 and "ckpt_path=last" in (folder / "stderr.txt").read_text())
         survived += int(ok)
-        results.append(f"kill {i} ({'during a save' if during_save else 'during steps'}): resumed at step "
+        saves_cut += int(mid_save)
+        results.append(f"kill {i} ({'during a save' if mid_save else 'during steps'}): resumed at step "
                        f"{first}, exit {code}, {'same losses' if ok else 'DIFFERENT or failed'}")
     return {"kills survived with identical losses": f"{survived}/{n}",
+            "kills that cut a checkpoint write short": saves_cut,
             "torn checkpoints that blocked a resume": torn_blocks, "details": results}
 
 

@@ -144,7 +144,7 @@ def test_console_errors_are_one_line(tmp_path: Path) -> None:
         "truncated": ([script("lmlab-eval"), f"ckpt_path={truncated}"], "is not a readable checkpoint"),
         "not_ckpt": ([script("lmlab-eval"), f"ckpt_path={not_ckpt}"], "is not a readable checkpoint"),
         "option": ([script("lmlab-train"), "model=gtp"], "Available options: "),
-        "unquoted": ([script("lmlab-generate"), "ckpt_path=x.ckpt", "prompt=\u2603"], "prompt='the value'"),
+        "unquoted": ([script("lmlab-generate"), "ckpt_path=x.ckpt", "prompt=\u2603"], "prompt='\u2603'"),
     }
     started = {name: (Command(args, tmp_path, name), expected) for name, (args, expected) in commands.items()}
     for name, (command, expected) in started.items():

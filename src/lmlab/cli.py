@@ -75,9 +75,11 @@ def explain(err: BaseException) -> str | None:
         )
     if isinstance(err, OverrideParseException):
         reason = str(err).strip().splitlines()[0]
+        key, _, value = err.override.partition("=")
+        quoted = f"{key}=\"{value}\"" if "'" in value else f"{key}='{value}'"
         return (
             f"cannot read the override '{err.override}' ({reason}). Quote a value that holds spaces, punctuation "
-            "or non-ASCII characters: key='the value' (typed in a shell: \"key='the value'\")."
+            f"or non-ASCII characters: {quoted} (typed in a shell, inside a second pair of quotes)."
         )
     if isinstance(err, MissingConfigException) and err.options:
         # "Could not find 'model/gtp'" and the options, without Hydra's search path
