@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,9 +239,17 @@ def _sweep_group() -> str | None:
     return Path(hydra_cfg.sweep.dir).name
 
 
+def _root_dir() -> str:
+    """``LMLAB_ROOT``, else the directory lmlab was launched from. Unlike ``${hydra:runtime.cwd}`` this
+    resolves before Hydra's runtime is set, as the sweep folder of a multirun needs."""
+    return str(Path(os.environ.get("LMLAB_ROOT") or os.getcwd()).expanduser().resolve())
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("sweep_group"):
         OmegaConf.register_new_resolver("sweep_group", _sweep_group)
+    if not OmegaConf.has_resolver("lmlab_root"):
+        OmegaConf.register_new_resolver("lmlab_root", _root_dir)
 
 
 register_resolvers()

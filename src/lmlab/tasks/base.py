@@ -129,6 +129,15 @@ class TaskModule(L.LightningModule):
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The last step always validates (Lightning validates when asked to stop), so every run, and every
+        # trial of a sweep, ends with a metric and best/last checkpoints of its final weights.
+        trainer = self.trainer
+        last_step = 0 < trainer.max_steps <= trainer.global_step
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        if last_step or (last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
+            trainer.should_stop = True
+
 
 def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
