@@ -13,21 +13,25 @@ from lmlab.data.files import read_text_file
 from lmlab.errors import DataError
 
 
-def read_input_lines(source: str | None) -> list[str]:
-    """Every line of a UTF-8 file, or of stdin for ``None``/``-``; input without any text is an error."""
+def read_input_text(source: str | None, key: str = "input") -> str:
+    """The whole text of a UTF-8 file, or of stdin for ``None``/``-``; input without any text is an error."""
     if source in (None, "-"):
         try:
             text = sys.stdin.read()
         except UnicodeDecodeError as err:
             raise DataError(f"stdin is not valid UTF-8 ({err.reason} at byte {err.start}).") from None
         if not text.strip():
-            raise DataError("input: stdin has no text.")
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise DataError(f"input: no file at '{path}'. Give a text file with one text per line, or '-' for stdin.")
-        text = read_text_file(path)
-    return text.splitlines()
+            raise DataError(f"{key}: stdin has no text.")
+        return text
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"{key}: no file at '{path}'. Give a UTF-8 text file, or '-' for stdin.")
+    return read_text_file(path)
+
+
+def read_input_lines(source: str | None) -> list[str]:
+    """Every line of a UTF-8 file, or of stdin for ``None``/``-``; input without any text is an error."""
+    return read_input_text(source).splitlines()
 
 
 @contextmanager

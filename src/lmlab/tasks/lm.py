@@ -97,7 +97,16 @@ class LanguageModelingTask(TaskModule):
                            suppress_ids=self._never_sampled())
         finally:
             self.net.train(was_training)
-        return [self.tokenizer.decode(row[len(ids):].tolist()) for row in out]
+        return [self._continuation(ids, row.tolist()) for row in out]
+
+    def _continuation(self, prompt_ids: list[int], ids: list[int]) -> str:
+        """The text after the prompt, as the tokenizer writes the whole sequence: decoding the new tokens
+        alone would drop the space a word tokenizer puts between the prompt's last word and the next."""
+        assert self.tokenizer is not None
+        whole, prompt = self.tokenizer.decode(ids), self.tokenizer.decode(prompt_ids)
+        if whole.startswith(prompt):
+            return whole[len(prompt):]
+        return self.tokenizer.decode(ids[len(prompt_ids):])
 
     def _never_sampled(self) -> list[int]:
         """The character vocabulary's unknown symbol: by construction absent from the training text."""
