@@ -115,3 +115,18 @@ def test_search_preset_fits_every_model_of_its_task(preset: str, task: str) -> N
             GlobalHydra.instance().clear()
     finally:
         GlobalHydra.instance().clear()
+
+
+# -- defaults that agree with each other --------------------------------------------------------------------
+@pytest.mark.parametrize("choice", ["task=lm", "task=classification", "task=translation",
+                                    *(f"experiment={e}" for e in group_options("experiment"))])
+def test_the_schedule_warms_up_within_the_run(choice: str, make_cfg) -> None:
+    cfg = make_cfg([choice])
+    warmup = cfg.scheduler.get("warmup_steps") or 0
+    assert warmup < cfg.trainer.max_steps / 2, f"{choice}: warmup {warmup} of {cfg.trainer.max_steps} steps"
+
+
+def test_quick_preset_shortens_a_run(make_cfg) -> None:
+    cfg = make_cfg(["debug=quick", "task=translation"])
+    assert cfg.trainer.max_steps <= 200 and cfg.trainer.limit_test_batches <= 20
+    assert cfg.trainer.val_check_interval <= cfg.trainer.max_steps

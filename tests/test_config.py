@@ -539,6 +539,8 @@ def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_tex
 # Only what makes each preset quick here; every other setting is the preset's own.
 DEBUG_SPEEDUPS = {
     "overfit": ["trainer.max_steps=30", "trainer.check_val_every_n_epoch=5"],
+    "quick": ["trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.limit_val_batches=3",
+              "trainer.limit_test_batches=3"],
 }
 
 
@@ -559,7 +561,7 @@ def test_debug_preset_runs(preset: str, make_cfg, learnable_text: Path, tmp_path
     ckpt_dir = tmp_path / "run" / "checkpoints"
     if preset == "fast_dev_run":
         assert len(rec.train_batches) == 1 and rec.val_batches == [1] and rec.test_batches == 1
-    elif preset == "limit":
+    elif preset in ("limit", "quick"):
         assert len(rec.train_batches) == cfg.trainer.max_steps
         validations = cfg.trainer.max_steps // cfg.trainer.val_check_interval
         assert rec.val_batches == [cfg.trainer.limit_val_batches] * validations
