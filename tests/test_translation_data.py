@@ -183,3 +183,18 @@ def test_a_tokenizer_pair_fingerprint_follows_both_sides() -> None:
     fingerprints = {TokenizerPair(a, b).fingerprint() for a, b in ((small, large), (large, large), (large, small))}
     assert len(fingerprints) == 3
     assert TokenizerPair(large).fingerprint() != TokenizerPair(large, train_bpe(texts, vocab_size=300)).fingerprint()
+
+
+def test_table_files_cut_validation_and_test_from_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "all.jsonl"
+    path.write_text("".join(json.dumps({"en": f"s{i}", "de": f"t{i}"}) + "\n" for i in range(200)))
+    columns = {"source": "en", "target": "de"}
+    splits = TableFiles(str(path), columns, val_fraction=0.1, test_fraction=0.15, split_seed=3).load()
+    assert {name: len(table) for name, table in splits.items()} == {"train": 150, "validation": 20, "test": 30}
+    seen = [set(table.columns["source"]) for table in splits.values()]
+    assert set.union(*seen) == {f"s{i}" for i in range(200)} and sum(map(len, seen)) == 200, "disjoint, complete"
+    # without a test share, validation is what it always was (the cache key and the split stay the same)
+    before = TableFiles(str(path), columns, val_fraction=0.1, split_seed=3).load()
+    assert before["validation"].columns == splits["validation"].columns and "test" not in before
+    with pytest.raises(DataError, match="val_fraction \\+ test_fraction"):
+        TableFiles(str(path), columns, val_fraction=0.6, test_fraction=0.5)

@@ -2,8 +2,8 @@
 
 A source maps the roles a task needs (``text`` and ``label``; ``source`` and ``target``) to the
 column names of the data, and returns one :class:`SplitTable` per split. A source without a
-validation split gets one drawn at random from its training rows, with a seed of its own so
-every run (and the data cache) sees the same split.
+validation (or test) split gets one drawn at random from its training rows (``val_fraction``,
+``test_fraction``), with a seed of its own so every run (and the data cache) sees the same split.
 """
 
 from __future__ import annotations
@@ -40,11 +40,16 @@ class SplitTable:
 class TableSource:
     """Base class: subclasses implement :meth:`load_splits` and :meth:`fingerprint`."""
 
-    def __init__(self, columns: Mapping[str, str], val_fraction: float, split_seed: int) -> None:
-        if not 0 <= val_fraction < 1:
-            raise DataError(f"data.source.val_fraction must be in [0, 1), got {val_fraction}.")
+    def __init__(self, columns: Mapping[str, str], val_fraction: float, split_seed: int,
+                 test_fraction: float = 0.0) -> None:
+        for key, share in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= share < 1:
+                raise DataError(f"data.source.{key} must be in [0, 1), got {share}.")
+        if val_fraction + test_fraction >= 1:
+            raise DataError(f"data.source.val_fraction + test_fraction must leave training rows, got "
+                            f"{val_fraction} + {test_fraction}.")
         self.columns = dict(columns)
-        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
 
     def load_splits(self) -> dict[str, SplitTable]:
         raise NotImplementedError
@@ -53,32 +58,38 @@ class TableSource:
         raise NotImplementedError
 
     def load(self) -> dict[str, SplitTable]:
-        """Every split there is; validation drawn from train when the data has none."""
+        """Every split there is; validation and test drawn from train when the data has none."""
         splits = self.load_splits()
         if "train" not in splits:
             raise DataError(
                 "The data has no training split. Give training files (data.source.train_files) "
                 "or map a hub split to train (data.source.splits.train)."
             )
-        if "validation" not in splits and self.val_fraction > 0:
-            splits["train"], splits["validation"] = self._draw_validation(splits["train"])
+        wanted = {split: share for split, share in (("validation", self.val_fraction), ("test", self.test_fraction))
+                  if split not in splits and share > 0}
+        if wanted:
+            splits.update(self._draw(splits["train"], wanted))
         return splits
 
-    def _draw_validation(self, train: SplitTable) -> tuple[SplitTable, SplitTable]:
+    def _draw(self, train: SplitTable, shares: dict[str, float]) -> dict[str, SplitTable]:
+        """Random held-out splits of the training rows (validation first, then test), and the rest as train."""
         n = len(train)
-        n_val = int(round(n * self.val_fraction))
-        if n_val < 1 or n_val >= n:
-            raise DataError(
-                f"data.source.val_fraction={self.val_fraction} of {n} training rows leaves no "
-                "validation or no training rows; change it or give validation files."
-            )
         order = np.random.default_rng(self.split_seed).permutation(n)
-        val, rest = np.sort(order[:n_val]), np.sort(order[n_val:])
-        share = f"{self.val_fraction:.0%} of {train.origin}"
-        return (
-            train.take(rest.tolist(), f"the rest of {train.origin}"),
-            train.take(val.tolist(), f"a random {share} (data.source.split_seed={self.split_seed})"),
-        )
+        out, start = {}, 0
+        for split, share in shares.items():
+            count = int(round(n * share))
+            key = "val_fraction" if split == "validation" else "test_fraction"
+            if count < 1 or start + count >= n:
+                raise DataError(
+                    f"data.source.{key}={share} of {n} training rows leaves no {split} or no training rows; "
+                    f"change it or give {split} files."
+                )
+            chosen = np.sort(order[start:start + count])
+            out[split] = train.take(chosen.tolist(), f"a random {share:.0%} of {train.origin} "
+                                                    f"(data.source.split_seed={self.split_seed})")
+            start += count
+        out["train"] = train.take(np.sort(order[start:]).tolist(), f"the rest of {train.origin}")
+        return out
 
     def check_columns(self, available: Sequence[str], where: str) -> None:
         """Every configured column must be there; the error names the role's key and the columns there are."""
@@ -106,7 +117,8 @@ class TableSource:
         return [row[key] for row in rows]
 
     def _base_fingerprint(self) -> dict[str, Any]:
-        return {"columns": self.columns, "val": self.val_fraction, "split_seed": self.split_seed}
+        return {"columns": self.columns, "val": self.val_fraction, "split_seed": self.split_seed,
+                **({"test": self.test_fraction} if self.test_fraction else {})}
 
 
 def _role_hint(role: str) -> str:
@@ -139,8 +151,9 @@ class HubTable(TableSource):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         revision: str | None = None,
+        test_fraction: float = 0.0,
     ) -> None:
-        super().__init__(columns, val_fraction, split_seed)
+        super().__init__(columns, val_fraction, split_seed, test_fraction)
         self.path, self.name, self.revision = path, name, revision
         self.splits = dict(splits or {s: s for s in SPLITS})
         self.data_files = data_files
@@ -192,8 +205,9 @@ class TableFiles(TableSource):
         test_files: str | Sequence[str] | None = None,
         val_fraction: float = 0.1,
         split_seed: int = 0,
+        test_fraction: float = 0.0,
     ) -> None:
-        super().__init__(columns, val_fraction, split_seed)
+        super().__init__(columns, val_fraction, split_seed, test_fraction)
         if not train_files:
             raise DataError("data.source.train_files is empty: give at least one training file or glob.")
         self.files = {
@@ -241,8 +255,9 @@ class AlignedTextFiles(TableSource):
         test: Mapping[str, str] | None = None,
         val_fraction: float = 0.0,
         split_seed: int = 0,
+        test_fraction: float = 0.0,
     ) -> None:
-        super().__init__({"source": "source", "target": "target"}, val_fraction, split_seed)
+        super().__init__({"source": "source", "target": "target"}, val_fraction, split_seed, test_fraction)
         self.files: dict[str, dict[str, Path]] = {}
         for split, pair in (("train", train), ("validation", validation), ("test", test)):
             if not pair:
