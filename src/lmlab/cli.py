@@ -29,20 +29,39 @@ from lmlab.config import config_dir
 _OURS = "LMLAB_HYDRA_ERRORS"
 
 
-def lmlab_main(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
-    """Decorator for an entry point's task function, in place of ``hydra.main``."""
+def lmlab_main(
+    config_name: str, overlays: tuple[str, ...] = ()
+) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """Decorator for an entry point's task function, in place of ``hydra.main``.
+
+    ``overlays`` names groups whose keys may be set without choosing an option (``lmlab-eval`` takes
+    ``data.source.test_files=...`` on top of the checkpoint's own data settings): unless the group is
+    chosen, such overrides are passed to Hydra as ``++key=value``, which adds the key.
+    """
 
     def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         hydra_main = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(task)
 
         @functools.wraps(task)
         def run() -> Any:
+            sys.argv[1:] = _as_overlays(sys.argv[1:], overlays)
             with hydra_errors():
                 return hydra_main()
 
         return run
 
     return wrap
+
+
+def _as_overlays(args: list[str], groups: tuple[str, ...]) -> list[str]:
+    chosen = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    out = []
+    for arg in args:
+        group = arg.split(".", 1)[0]
+        if group in groups and group not in chosen and "=" in arg and not arg.startswith(("+", "~", "-")):
+            arg = "++" + arg
+        out.append(arg)
+    return out
 
 
 @contextlib.contextmanager

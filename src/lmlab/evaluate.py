@@ -1,22 +1,28 @@
 """``lmlab-eval ckpt_path=...``: re-evaluate a checkpoint on its validation and test splits.
 
-Everything needed (network, tokenizer, data settings) comes from the checkpoint.
+Everything needed (network, tokenizer, data settings) comes from the checkpoint. Another test file of
+the same kind is named on its own (``data.source.test_files=other.parquet``); the checkpoint supplies
+the rest (columns, languages, tokenizer).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.checkpoint import check_matches, load_task
 from lmlab.cli import lmlab_main
-from lmlab.config import check_devices, validate_config
-from lmlab.errors import ConfigError
+from lmlab.config import accepted_keys, check_devices, locate, validate_config
+from lmlab.errors import CheckpointMismatchError, ConfigError
 from lmlab.runtime import instantiate, to_plain, user_errors
+from lmlab.tasks.base import TaskModule
 
+log = logging.getLogger("lmlab")
 _STAGES = {"validation", "test"}
 
 
@@ -29,7 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     task, run_cfg = load_task(cfg.ckpt_path)
     if cfg.get("model") is not None:
         check_matches(run_cfg, to_plain(cfg.model), "model", cfg.ckpt_path)
-    data_cfg = cfg.data if cfg.get("data") is not None else OmegaConf.create(run_cfg["data"])
+    data_cfg = evaluation_data(cfg, run_cfg, task)
     datamodule = instantiate(data_cfg, **task.datamodule_kwargs())
     datamodule.prepare_data()
     datamodule.setup("validate")
@@ -45,11 +51,69 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             print(f"{key}: {metrics[key]:.4f}")
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({"ckpt_path": str(cfg.ckpt_path), "metrics": metrics}, indent=2))
+        record = {"ckpt_path": str(cfg.ckpt_path), "splits": list(cfg.splits), "data": to_plain(data_cfg),
+                  "metrics": metrics}
+        (out / "metrics.json").write_text(json.dumps(record, indent=2))
     return metrics
 
 
-@lmlab_main("eval")
+def evaluation_data(cfg: DictConfig, run_cfg: dict[str, Any], task: TaskModule) -> DictConfig:
+    """The data to score: the checkpoint's own settings; those with the ``data.*`` keys given on top
+    (``data.source.test_files=other.parquet``); or a ``data`` option given whole. Every setting the network
+    depends on (:attr:`TaskModule.checkpoint_data_keys`, e.g. the translation direction) comes from the
+    checkpoint; giving one a different value is refused."""
+    trained = run_cfg.get("data") or {}
+    if cfg.get("data") is None:
+        return OmegaConf.create(trained)
+    if "_target_" not in cfg.data:  # keys on top of the checkpoint's settings
+        _check_overlay_source(trained, cfg.data, cfg.ckpt_path)
+        with open_dict(cfg):
+            cfg.data = OmegaConf.merge(OmegaConf.create(trained), cfg.data)
+    data = cfg.data  # changed in place: its interpolations (${data.source_lang}) resolve against the config
+    given = _data_overrides()
+    taken = []
+    for key in task.checkpoint_data_keys:
+        if key not in trained or key not in data:
+            continue
+        if key in given and data[key] != trained[key]:
+            raise CheckpointMismatchError(
+                f"Checkpoint '{cfg.ckpt_path}' was trained with data.{key}={trained[key]!r}; evaluating it with "
+                f"data.{key}={data[key]!r} would score another task. Drop that override."
+            )
+        if data[key] != trained[key]:
+            taken.append(f"data.{key}={trained[key]!r}")
+        data[key] = trained[key]
+    if taken:
+        log.info("Taken from the checkpoint: %s", ", ".join(taken))
+    return data
+
+
+def _check_overlay_source(trained: dict[str, Any], overlay: DictConfig, ckpt_path: str) -> None:
+    """File keys on top of a hub data set have nothing to attach to: say which data option takes files."""
+    source = trained.get("source") or {}
+    given = set(overlay.get("source") or {})
+    accepted = accepted_keys(locate(source["_target_"])) if "_target_" in source else None
+    unknown = sorted(given - accepted) if accepted is not None else []
+    if unknown:
+        raise ConfigError(
+            f"'{ckpt_path}' was trained on {source['_target_'].rsplit('.', 1)[-1]} data, which has no "
+            f"data.source.{unknown[0]}. To score local files, give their data option whole, e.g. "
+            "data=translation_files (or labeled_files, text_files) with data.source.train_files and "
+            "data.source.test_files."
+        )
+
+
+def _data_overrides() -> set[str]:
+    """The ``data.*`` keys given on the command line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+    return {k[len("data."):] for k in keys if k.startswith("data.")}
+
+
+@lmlab_main("eval", overlays=("data",))
 def main(cfg: DictConfig) -> None:
     with user_errors():
         evaluate(cfg)

@@ -32,6 +32,8 @@ class TaskModule(L.LightningModule):
     data_module: str = "lmlab.data.base.TaskDataModule"
     #: data_info keys (besides the tokenizer) that must be the same in a checkpoint and the data it resumes on
     fixed_by_checkpoint: tuple[str, ...] = ()
+    #: data settings the trained network depends on: evaluating on other data keeps the checkpoint's
+    checkpoint_data_keys: tuple[str, ...] = ()
 
     def __init__(
         self,

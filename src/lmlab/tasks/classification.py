@@ -40,6 +40,7 @@ class ClassificationTask(TaskModule):
 
     network_inputs = ("vocab_size", "num_classes", "pad_id", "max_length")
     data_module = "lmlab.data.classification.ClassificationDataModule"
+    checkpoint_data_keys = ("max_length", "add_special_tokens")
     fixed_by_checkpoint = ("labels",)
 
     def __init__(

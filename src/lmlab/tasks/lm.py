@@ -24,6 +24,7 @@ class LanguageModelingTask(TaskModule):
 
     network_inputs = ("vocab_size", "block_size")
     data_module = "lmlab.data.lm.LMDataModule"
+    checkpoint_data_keys = ("block_size",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
