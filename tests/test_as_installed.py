@@ -130,3 +130,28 @@ def test_quick_preset_shortens_a_run(make_cfg) -> None:
     cfg = make_cfg(["debug=quick", "task=translation"])
     assert cfg.trainer.max_steps <= 200 and cfg.trainer.limit_test_batches <= 20
     assert cfg.trainer.val_check_interval <= cfg.trainer.max_steps
+
+
+# -- an experiment keeps its settings whichever data source serves it ------------------------------------
+LOCAL_DATA = {"lm": "text_files", "classification": "labeled_files", "translation": "translation_files"}
+#: what a local-files source is given by the user, or uses in place of a hub data set's official splits
+SOURCE_ONLY = {"_target_", "path", "name", "splits", "data_files", "revision", "train_files", "val_files", "test_files",
+               "columns", "text_column", "val_fraction", "test_fraction", "split_seed"}
+
+
+def _task_of(cfg) -> str:
+    target = str(cfg.task.module._target_)
+    return "lm" if target.endswith("LanguageModelingTask") else "classification" \
+        if target.endswith("ClassificationTask") else "translation"
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_experiment_settings_survive_a_local_data_source(experiment: str, make_cfg) -> None:
+    hub = make_cfg([f"experiment={experiment}"])
+    local = make_cfg([f"experiment={experiment}", f"data={LOCAL_DATA[_task_of(hub)]}", "data.source.train_files=x"])
+    for key in hub.data:
+        if key not in ("source", "_target_") and key in local.data:
+            assert local.data[key] == hub.data[key], f"data.{key}"
+    for key in set(hub.data.source) - SOURCE_ONLY:
+        if key in local.data.source:
+            assert local.data.source[key] == hub.data.source[key], f"data.source.{key}"
