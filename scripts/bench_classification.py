@@ -24,20 +24,36 @@ from pathlib import Path
 def data_overrides(data: Path, dataset: str) -> list[str]:
     """The documented offline form of ``data=imdb`` / ``data=sst2``: local files through ``data=labeled_files``."""
     if dataset == "imdb":
-        return ["data=labeled_files", f"data.source.train_files={data / 'imdb/train.parquet'}",
-                f"data.source.test_files={data / 'imdb/test.parquet'}", "data.source.val_fraction=0.1"]
-    return ["data=labeled_files", f"data.source.train_files={data / 'sst2/train.parquet'}",
-            f"data.source.val_files={data / 'sst2/validation.parquet'}", "data.source.columns.text=sentence",
-            "test=false"]
+        return [
+            "data=labeled_files",
+            f"data.source.train_files={data / 'imdb/train.parquet'}",
+            f"data.source.test_files={data / 'imdb/test.parquet'}",
+            "data.source.val_fraction=0.1",
+        ]
+    return [
+        "data=labeled_files",
+        f"data.source.train_files={data / 'sst2/train.parquet'}",
+        f"data.source.val_files={data / 'sst2/validation.parquet'}",
+        "data.source.columns.text=sentence",
+        "test=false",
+    ]
 
 
 def run(experiment: str, args: argparse.Namespace, root: Path) -> dict[str, object]:
     run_dir = root / experiment.replace("/", "_")
     command = [
-        sys.executable, "-m", "lmlab.train", f"experiment={experiment}",
+        sys.executable,
+        "-m",
+        "lmlab.train",
+        f"experiment={experiment}",
         *data_overrides(Path(args.data).resolve(), args.dataset),
-        "print_config=false", "callbacks.rich_progress_bar=null", "++trainer.enable_progress_bar=false",
-        f"hydra.run.dir={run_dir}", f"paths.root_dir={root}", f"paths.cache_dir={run_dir}/cache", *args.overrides,
+        "print_config=false",
+        "callbacks.rich_progress_bar=null",
+        "++trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        f"paths.root_dir={root}",
+        f"paths.cache_dir={run_dir}/cache",
+        *args.overrides,
     ]
     print(" ".join(command), flush=True)
     start = time.perf_counter()
@@ -64,8 +80,13 @@ def main() -> None:
     parser.add_argument("--dataset", choices=["imdb", "sst2"], default="imdb")
     parser.add_argument("--root", default="bench_runs/classification", help="folder for logs and caches")
     parser.add_argument("experiments", nargs="+", help="experiment names, e.g. cls/imdb_fasttext")
-    parser.add_argument("--override", dest="overrides", action="append", default=[],
-                        help="a Hydra override for every run (repeatable), e.g. --override trainer=gpu")
+    parser.add_argument(
+        "--override",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="a Hydra override for every run (repeatable), e.g. --override trainer=gpu",
+    )
     args = parser.parse_args()
     root = Path(args.root).resolve()
     results = [run(name, args, root) for name in args.experiments]

@@ -55,8 +55,7 @@ def make_loader(args: argparse.Namespace, n_batches: int) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(args.vocab_size, (n_batches * args.batch_size, args.block_size + 1), generator=g)
     data = TensorDataset(tokens[:, :-1], tokens[:, 1:])
-    return DataLoader(data, batch_size=args.batch_size, shuffle=False, drop_last=True,
-                      pin_memory=args.device == "cuda")
+    return DataLoader(data, batch_size=args.batch_size, shuffle=False, drop_last=True, pin_memory=args.device == "cuda")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:
@@ -70,10 +69,10 @@ def plain_loop(args: argparse.Namespace, device: torch.device) -> float:
     step_fn = torch.compile(model) if args.compile else model
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=6e-4, betas=(0.9, 0.95))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
-                else nullcontext())
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=6e-4, betas=(0.9, 0.95)
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
     start = None
     for i, (x, y) in enumerate(make_loader(args, args.steps + args.warmup)):
         if i == args.warmup:
@@ -116,9 +115,17 @@ def lightning_loop(args: argparse.Namespace, device: torch.device) -> float:
     )
     timer = _StepTimer(args.warmup, device)
     trainer = L.Trainer(
-        accelerator=device.type if device.type != "cuda" else "gpu", devices=1, precision=args.precision,
-        max_steps=args.steps + args.warmup, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
+        accelerator=device.type if device.type != "cuda" else "gpu",
+        devices=1,
+        precision=args.precision,
+        max_steps=args.steps + args.warmup,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
     )
     trainer.fit(task, train_dataloaders=make_loader(args, args.steps + args.warmup))
     return args.steps * args.batch_size * args.block_size / (timer.end - timer.start)
@@ -153,8 +160,12 @@ def main() -> None:
     results = {"plain": plain_loop(args, device), "lmlab": lightning_loop(args, device)}
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "lightning": L.__version__, "params": n_params,
-        "args": vars(args), "matmul_tflops": peak / 1e12, "flops_per_token": fpt,
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "params": n_params,
+        "args": vars(args),
+        "matmul_tflops": peak / 1e12,
+        "flops_per_token": fpt,
     }
     for name, tps in results.items():
         report[f"{name}_tokens_per_sec"] = tps

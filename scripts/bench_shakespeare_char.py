@@ -30,10 +30,20 @@ def main() -> None:
     experiment = "lm/shakespeare_char_gpu" if args.gpu else "lm/shakespeare_char"
     root = Path(args.root).resolve()
     command = [
-        sys.executable, "-m", "lmlab.train", f"experiment={experiment}", "data=text_files",
-        f"data.source.train_files={Path(args.data).resolve()}", "data.source.val_fraction=0.1",
-        "data.source.test_fraction=0.0", "test=false", "callbacks.samples=null", "print_config=false",
-        f"hydra.run.dir={root}/run", f"paths.root_dir={root}", *args.overrides,
+        sys.executable,
+        "-m",
+        "lmlab.train",
+        f"experiment={experiment}",
+        "data=text_files",
+        f"data.source.train_files={Path(args.data).resolve()}",
+        "data.source.val_fraction=0.1",
+        "data.source.test_fraction=0.0",
+        "test=false",
+        "callbacks.samples=null",
+        "print_config=false",
+        f"hydra.run.dir={root}/run",
+        f"paths.root_dir={root}",
+        *args.overrides,
     ]
     print(" ".join(command), flush=True)
     start = time.perf_counter()

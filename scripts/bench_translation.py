@@ -34,11 +34,23 @@ def train(experiment: str, args: argparse.Namespace, run_dir: Path, root: Path) 
     data = Path(args.data).resolve()
     source, target = args.direction.split("-")
     command = [
-        sys.executable, "-m", "lmlab.train", f"experiment={experiment}", "data=translation_files",
-        f"data.source.train_files={data / 'train.parquet'}", f"data.source.val_files={data / 'validation.parquet'}",
-        f"data.source.test_files={data / 'test.parquet'}", f"data.source_lang={source}", f"data.target_lang={target}",
-        "print_config=false", "callbacks.rich_progress_bar=null", "++trainer.enable_progress_bar=false",
-        f"hydra.run.dir={run_dir}", f"paths.root_dir={root}", f"paths.cache_dir={run_dir}/cache", *args.overrides,
+        sys.executable,
+        "-m",
+        "lmlab.train",
+        f"experiment={experiment}",
+        "data=translation_files",
+        f"data.source.train_files={data / 'train.parquet'}",
+        f"data.source.val_files={data / 'validation.parquet'}",
+        f"data.source.test_files={data / 'test.parquet'}",
+        f"data.source_lang={source}",
+        f"data.target_lang={target}",
+        "print_config=false",
+        "callbacks.rich_progress_bar=null",
+        "++trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        f"paths.root_dir={root}",
+        f"paths.cache_dir={run_dir}/cache",
+        *args.overrides,
     ]
     print(" ".join(command), flush=True)
     start = time.perf_counter()
@@ -91,8 +103,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="device for the decoding-speed pass")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per decoding batch")
     parser.add_argument("experiments", nargs="+", help="experiment names, e.g. mt/multi30k_cpu")
-    parser.add_argument("--override", dest="overrides", action="append", default=[],
-                        help="a Hydra override for every run (repeatable), e.g. --override trainer=gpu")
+    parser.add_argument(
+        "--override",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="a Hydra override for every run (repeatable), e.g. --override trainer=gpu",
+    )
     args = parser.parse_args()
     root = Path(args.root).resolve()
     results = [run(name, args, root) for name in args.experiments]

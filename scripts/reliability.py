@@ -42,10 +42,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 # a run of a few thousand steps: a 4-layer GPT on the built-in pydoc text, big enough that a checkpoint
 # takes a moment to write, validating every 100 steps and saving last.ckpt every 3 s of training
-RUN = ["model.n_layer=4", "model.n_embd=256", "model.n_head=4", "model.dropout=0.1", "data.block_size=64",
-       "data.batch_size=8", "trainer.max_steps=400", "trainer.val_check_interval=100",
-       "trainer.limit_val_batches=4", "trainer.log_every_n_steps=1", "test=false", "print_config=false",
-       "callbacks.periodic_checkpoint.every_minutes=0.05", "callbacks.rich_progress_bar=null"]
+RUN = [
+    "model.n_layer=4",
+    "model.n_embd=256",
+    "model.n_head=4",
+    "model.dropout=0.1",
+    "data.block_size=64",
+    "data.batch_size=8",
+    "trainer.max_steps=400",
+    "trainer.val_check_interval=100",
+    "trainer.limit_val_batches=4",
+    "trainer.log_every_n_steps=1",
+    "test=false",
+    "print_config=false",
+    "callbacks.periodic_checkpoint.every_minutes=0.05",
+    "callbacks.rich_progress_bar=null",
+]
 
 
 def command(name: str, *args: str) -> list[str]:
@@ -55,8 +67,7 @@ def command(name: str, *args: str) -> list[str]:
 def start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
     inherited = {k: v for k, v in os.environ.items() if k != "LMLAB_ROOT"}
-    full_env = {**inherited, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                **(env or {})}
+    full_env = {**inherited, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     with (cwd / "stdout.txt").open("a") as out, (cwd / "stderr.txt").open("a") as err:
         return subprocess.Popen(args, cwd=cwd, env=full_env, stdout=out, stderr=err)
 
@@ -80,8 +91,9 @@ def runs(folder: Path) -> list[Path]:
 
 def same_from(resumed: dict[int, float], straight: dict[int, float], first: int) -> bool:
     steps = [s for s in straight if s >= first]
-    return bool(steps) and all(s in resumed and abs(resumed[s] - straight[s]) <= 1e-6 * abs(straight[s]) + 1e-7
-                               for s in steps)
+    return bool(steps) and all(
+        s in resumed and abs(resumed[s] - straight[s]) <= 1e-6 * abs(straight[s]) + 1e-7 for s in steps
+    )
 
 
 def resumed_step(folder: Path) -> int | None:
@@ -129,11 +141,16 @@ def trial_kills(work: Path, n: int, rng: random.Random, straight: dict[int, floa
         torn_blocks += int(code != 0 and "ckpt_path=last" in (folder / "stderr.txt").read_text())
         survived += int(ok)
         saves_cut += int(mid_save)
-        results.append(f"kill {i} ({'during a save' if mid_save else 'during steps'}): resumed at step "
-                       f"{first}, exit {code}, {'same losses' if ok else 'DIFFERENT or failed'}")
-    return {"kills survived with identical losses": f"{survived}/{n}",
-            "kills that cut a checkpoint write short": saves_cut,
-            "torn checkpoints that blocked a resume": torn_blocks, "details": results}
+        results.append(
+            f"kill {i} ({'during a save' if mid_save else 'during steps'}): resumed at step "
+            f"{first}, exit {code}, {'same losses' if ok else 'DIFFERENT or failed'}"
+        )
+    return {
+        "kills survived with identical losses": f"{survived}/{n}",
+        "kills that cut a checkpoint write short": saves_cut,
+        "torn checkpoints that blocked a resume": torn_blocks,
+        "details": results,
+    }
 
 
 # -- signals -----------------------------------------------------------------------------------------------
@@ -165,18 +182,29 @@ def trial_signals(work: Path, n: int, rng: random.Random, straight: dict[int, fl
             requeued = True
             resume = run(command("lmlab-train", *RUN, "ckpt_path=last"), folder)
         first = resumed_step(folder)
-        ok = (code == 128 + signum and loads and requeued and resume == 0 and first is not None
-              and same_from(losses(folder), straight, first))
+        ok = (
+            code == 128 + signum
+            and loads
+            and requeued
+            and resume == 0
+            and first is not None
+            and same_from(losses(folder), straight, first)
+        )
         good += int(ok)
-        results.append(f"{signal.Signals(signum).name}: exit {code}, interrupted.ckpt {'loads' if loads else 'MISSING'}"
-                       f", resumed at step {first}, {'same losses' if ok else 'FAILED'}")
+        results.append(
+            f"{signal.Signals(signum).name}: exit {code}, interrupted.ckpt {'loads' if loads else 'MISSING'}"
+            f", resumed at step {first}, {'same losses' if ok else 'FAILED'}"
+        )
     return {"stops saved, exited 128+signal and resumed identically": f"{good}/{n}", "details": results}
 
 
 # -- crafted checkpoints -------------------------------------------------------------------------------------
 def _writes(marker: Path) -> dict[str, Any]:
-    return {"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]},
-            "data": "ran"}
+    return {
+        "_target_": "pathlib.Path.write_text",
+        "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]},
+        "data": "ran",
+    }
 
 
 def crafted(ckpt: dict[str, Any], variant: str, marker: Path) -> dict[str, Any]:
@@ -205,8 +233,17 @@ def crafted(ckpt: dict[str, Any], variant: str, marker: Path) -> dict[str, Any]:
     return copied
 
 
-VARIANTS = ["network target", "nested target", "positional args", "partial", "data source", "tokenizer", "task",
-            "resolver", "pickle"]
+VARIANTS = [
+    "network target",
+    "nested target",
+    "positional args",
+    "partial",
+    "data source",
+    "tokenizer",
+    "task",
+    "resolver",
+    "pickle",
+]
 
 
 class _RunsOnUnpickle:
@@ -235,8 +272,14 @@ def trial_crafted(work: Path, legit: Path) -> dict[str, Any]:
             "lmlab-predict": command("lmlab-predict", f"ckpt_path={path}", f"input={text}"),
             "lmlab-translate": command("lmlab-translate", f"ckpt_path={path}", f"input={text}"),
             "lmlab-train (resume)": command("lmlab-train", f"ckpt_path={path}", "trainer.max_steps=2"),
-            "average_checkpoints.py": [sys.executable, str(REPO / "scripts" / "average_checkpoints.py"), str(path),
-                                       str(path), "--out", str(folder / "averaged.ckpt")],
+            "average_checkpoints.py": [
+                sys.executable,
+                str(REPO / "scripts" / "average_checkpoints.py"),
+                str(path),
+                str(path),
+                "--out",
+                str(folder / "averaged.ckpt"),
+            ],
         }
         procs = {entry: start(args, folder / entry.split()[0]) for entry, args in entry_points.items()}
         for entry, proc in procs.items():
@@ -247,16 +290,26 @@ def trial_crafted(work: Path, legit: Path) -> dict[str, Any]:
             ran += int(executed)
             refused += int(proc.returncode == 1 and "Refusing to load" in err and "Traceback" not in err)
             details.append(f"{name} -> {entry}: exit {proc.returncode}, {'RAN CODE' if executed else 'nothing ran'}")
-    return {"crafted checkpoints that executed anything": f"{ran}/{total}",
-            "refused with the one-line message": f"{refused}/{total}", "details": details}
+    return {
+        "crafted checkpoints that executed anything": f"{ran}/{total}",
+        "refused with the one-line message": f"{refused}/{total}",
+        "details": details,
+    }
 
 
 # -- the token cache ------------------------------------------------------------------------------------------
 def trial_cache(work: Path, racers: int) -> dict[str, Any]:
     if not (SHARED / "tiny_shakespeare" / "input.txt").is_file():
         return {"skipped": f"{SHARED} is not present"}
-    prepare = ["data=text_files", f"data.source.train_files={SHARED / 'tiny_shakespeare' / 'input.txt'}",
-               "tokenizer=bpe", "tokenizer.vocab_size=4096", "train=false", "test=false", "print_config=false"]
+    prepare = [
+        "data=text_files",
+        f"data.source.train_files={SHARED / 'tiny_shakespeare' / 'input.txt'}",
+        "tokenizer=bpe",
+        "tokenizer.vocab_size=4096",
+        "train=false",
+        "test=false",
+        "print_config=false",
+    ]
 
     def race(folder: Path, n: int) -> tuple[float, int]:
         began = time.perf_counter()
@@ -268,8 +321,11 @@ def trial_cache(work: Path, racers: int) -> dict[str, Any]:
 
     alone, _ = race(work / "alone", 1)
     together, builds = race(work / "together", racers)
-    return {f"cache builds when {racers} runs need one new entry": builds, "wall, one run (s)": round(alone, 1),
-            f"wall, {racers} runs together (s)": round(together, 1)}
+    return {
+        f"cache builds when {racers} runs need one new entry": builds,
+        "wall, one run (s)": round(alone, 1),
+        f"wall, {racers} runs together (s)": round(together, 1),
+    }
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
@@ -322,11 +378,20 @@ def bad_inputs(work: Path, ckpt: Path) -> dict[str, list[str]]:
         "missing text column": [train, *text_files, f"data.source.train_files={jsonl}"],
         "val fraction above 1": [train, *text_files, f"data.source.train_files={jsonl}", "data.source.val_fraction=2"],
         "data of another task": [train, "task=classification", "data=text_files"],
-        "missing label column": [train, "task=classification", "data=labeled_files",
-                                 f"data.source.train_files={jsonl}"],
+        "missing label column": [
+            train,
+            "task=classification",
+            "data=labeled_files",
+            f"data.source.train_files={jsonl}",
+        ],
         "a single class": [train, "task=classification", "data=labeled_files", f"data.source.train_files={single}"],
-        "aligned files of different lengths": [train, "task=translation", "data=aligned_text",
-                                               f"data.source.train.source={src}", f"data.source.train.target={tgt}"],
+        "aligned files of different lengths": [
+            train,
+            "task=translation",
+            "data=aligned_text",
+            f"data.source.train.source={src}",
+            f"data.source.train.target={tgt}",
+        ],
         "resume from no such file": [train, "ckpt_path=/no/such.ckpt"],
         "resume with another model": [train, ck, "model=lstm"],
         "resume from a truncated file": [train, f"ckpt_path={truncated}"],
@@ -342,7 +407,8 @@ def bad_inputs(work: Path, ckpt: Path) -> dict[str, list[str]]:
         "generate with another model": [gen, ck, "model=lstm"],
         "generate outside the character vocabulary": [gen, ck, "prompt='\u2603'"],
         "generate with an unquoted non-ASCII prompt": [gen, ck, "prompt=\u2603"],
-        "generate on a cuda device without one": [gen, ck, "device=cuda"] if not torch.cuda.is_available()
+        "generate on a cuda device without one": [gen, ck, "device=cuda"]
+        if not torch.cuda.is_available()
         else [gen, ck, "device=nonsense"],
         "predict with a language model": ["lmlab-predict", ck, f"input={empty}"],
         "predict zero batch size": ["lmlab-predict", ck, "batch_size=0"],

@@ -310,8 +310,14 @@ class Command:
 
     def __init__(self, args: list[str], cwd: Path, name: str, env: dict[str, str] | None = None) -> None:
         base = {k: v for k, v in os.environ.items() if k != "LMLAB_ROOT"}
-        env = {**base, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200",
-               **(env or {})}
+        env = {
+            **base,
+            "WANDB_MODE": "offline",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "COLUMNS": "200",
+            **(env or {}),
+        }
         self.cwd, self.out_path, self.err_path = cwd, cwd / f"{name}.stdout", cwd / f"{name}.stderr"
         with self.out_path.open("w") as out, self.err_path.open("w") as err:
             self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=err, text=True)

@@ -18,8 +18,15 @@ from lmlab.config import config_dir
 from test_config import group_options
 
 # limits only: a tiny model, a few steps, few validation and test batches, short samples
-TINY = ["model.n_layer=1", "data.block_size=16", "data.batch_size=4", "trainer.max_steps=3",
-        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.samples.max_new_tokens=5"]
+TINY = [
+    "model.n_layer=1",
+    "data.block_size=16",
+    "data.batch_size=4",
+    "trainer.max_steps=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "callbacks.samples.max_new_tokens=5",
+]
 
 
 def _summary(cwd: Path) -> list[dict[str, str]]:
@@ -45,6 +52,7 @@ def commands(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Command]:
         "optuna": ["hparams_search=lm_optuna", "hydra.sweeper.n_trials=2"],
         "random": ["hparams_search=lm_random", "hydra.sweeper.n_trials=2"],
         "random_sampler": ["hparams_search=lm_optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.n_trials=2"],
+        "default_run": ["trainer.val_check_interval=2"],
     }
     started = {}
     for name, args in typed.items():
@@ -66,8 +74,10 @@ def test_documented_sweeps_run_from_a_fresh_directory(name: str, commands: dict[
 
 
 def test_random_search_samples_randomly(commands: dict[str, Command]) -> None:
-    overrides = [json.loads(p.read_text())["overrides"]
-                 for p in _ok(commands["random"]).cwd.glob("logs/train/multiruns/*/*/metrics.json")]
+    overrides = [
+        json.loads(p.read_text())["overrides"]
+        for p in _ok(commands["random"]).cwd.glob("logs/train/multiruns/*/*/metrics.json")
+    ]
     lrs = {dict(o.split("=", 1) for o in run)["optimizer.lr"] for run in overrides}
     assert len(lrs) == 2
     config = next(commands["random"].cwd.glob("logs/train/multiruns/*/0/.hydra/hydra.yaml"))
@@ -95,8 +105,11 @@ def _task_models(task: str) -> list[str]:
     return models
 
 
-PRESETS = [(preset, task) for preset in group_options("hparams_search")
-           for task in [{"lm": "lm", "cls": "classification", "mt": "translation"}[preset.split("_")[0]]]]
+PRESETS = [
+    (preset, task)
+    for preset in group_options("hparams_search")
+    for task in [{"lm": "lm", "cls": "classification", "mt": "translation"}[preset.split("_")[0]]]
+]
 
 
 @pytest.mark.parametrize(("preset", "task"), PRESETS, ids=[p for p, _ in PRESETS])
@@ -105,8 +118,9 @@ def test_search_preset_fits_every_model_of_its_task(preset: str, task: str) -> N
     try:
         for model in _task_models(task):
             with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-                cfg = compose("train", overrides=[f"hparams_search={preset}", f"model={model}"],
-                              return_hydra_config=True)
+                cfg = compose(
+                    "train", overrides=[f"hparams_search={preset}", f"model={model}"], return_hydra_config=True
+                )
             assert cfg.hydra.sweeper.params, preset
             for key in cfg.hydra.sweeper.params:
                 parent, _, leaf = str(key).rpartition(".")
@@ -118,8 +132,10 @@ def test_search_preset_fits_every_model_of_its_task(preset: str, task: str) -> N
 
 
 # -- defaults that agree with each other --------------------------------------------------------------------
-@pytest.mark.parametrize("choice", ["task=lm", "task=classification", "task=translation",
-                                    *(f"experiment={e}" for e in group_options("experiment"))])
+@pytest.mark.parametrize(
+    "choice",
+    ["task=lm", "task=classification", "task=translation", *(f"experiment={e}" for e in group_options("experiment"))],
+)
 def test_the_schedule_warms_up_within_the_run(choice: str, make_cfg) -> None:
     cfg = make_cfg([choice])
     warmup = cfg.scheduler.get("warmup_steps") or 0
@@ -135,14 +151,33 @@ def test_quick_preset_shortens_a_run(make_cfg) -> None:
 # -- an experiment keeps its settings whichever data source serves it ------------------------------------
 LOCAL_DATA = {"lm": "text_files", "classification": "labeled_files", "translation": "translation_files"}
 #: what a local-files source is given by the user, or uses in place of a hub data set's official splits
-SOURCE_ONLY = {"_target_", "path", "name", "splits", "data_files", "revision", "train_files", "val_files", "test_files",
-               "columns", "text_column", "val_fraction", "test_fraction", "split_seed"}
+SOURCE_ONLY = {
+    "_target_",
+    "path",
+    "name",
+    "splits",
+    "data_files",
+    "revision",
+    "train_files",
+    "val_files",
+    "test_files",
+    "columns",
+    "text_column",
+    "val_fraction",
+    "test_fraction",
+    "split_seed",
+}
 
 
 def _task_of(cfg) -> str:
     target = str(cfg.task.module._target_)
-    return "lm" if target.endswith("LanguageModelingTask") else "classification" \
-        if target.endswith("ClassificationTask") else "translation"
+    return (
+        "lm"
+        if target.endswith("LanguageModelingTask")
+        else "classification"
+        if target.endswith("ClassificationTask")
+        else "translation"
+    )
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
@@ -155,3 +190,18 @@ def test_experiment_settings_survive_a_local_data_source(experiment: str, make_c
     for key in set(hub.data.source) - SOURCE_ONLY:
         if key in local.data.source:
             assert local.data.source[key] == hub.data.source[key], f"data.source.{key}"
+
+
+def test_a_default_run_prints_what_a_researcher_reads(commands: dict[str, Command]) -> None:
+    command = _ok(commands["default_run"])
+    out = command.stdout + command.stderr
+    for noise in ("Tip:", "LeafSpec", "/-2", "FLOPs", "was configured so 100%", "already configured with model"):
+        assert noise not in out, noise
+    run_dir = next(command.cwd.glob("logs/train/runs/*"))
+    assert f"run folder: {run_dir}" in command.stdout
+    assert f"last checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}" in command.stdout
+    assert "options:   task=lm data=pydoc tokenizer=char model=gpt" in command.stdout
+    assert (run_dir / "config_tree.yaml").is_file() and "config_tree.yaml" in command.stdout
+    assert command.stdout.count("test/ppl") == 1, "the test metrics once, in the results table"
+    assert len(out.splitlines()) < 60
+    assert out.count("Seed set to") == 1, "each Lightning message once"

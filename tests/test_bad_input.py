@@ -47,15 +47,19 @@ TRAIN_VALUES = [
     (["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio", "<= 1"),
     (["callbacks.periodic_checkpoint.every_minutes=0"], "callbacks.periodic_checkpoint.every_minutes", "> 0"),
     (["callbacks.early_stopping.patience=-1"], "callbacks.early_stopping.patience", ">= 0"),
-    (["data=text_files", "data.source.train_files=x.txt", "data.source.val_fraction=1.2"],
-     "data.source.val_fraction", "< 1"),
+    (
+        ["data=text_files", "data.source.train_files=x.txt", "data.source.val_fraction=1.2"],
+        "data.source.val_fraction",
+        "< 1",
+    ),
     (["task=classification", "task.module.label_smoothing=1"], "task.module.label_smoothing", "< 1"),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "key", "allowed"), TRAIN_VALUES, ids=[" ".join(o) for o, _, _ in TRAIN_VALUES])
-def test_bad_training_value_fails_before_any_data_is_read(overrides: list[str], key: str, allowed: str,
-                                                          make_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+def test_bad_training_value_fails_before_any_data_is_read(
+    overrides: list[str], key: str, allowed: str, make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError) as err:
         train(make_cfg(overrides))
     message = str(err.value)
@@ -86,10 +90,12 @@ ENTRY_VALUES = [
 RUN = {"generate": generate_samples, "predict": predict, "translate": translate, "eval": evaluate}
 
 
-@pytest.mark.parametrize(("entry", "overrides", "key", "allowed"), ENTRY_VALUES,
-                         ids=[f"{e} {' '.join(o)}" for e, o, _, _ in ENTRY_VALUES])
-def test_bad_inference_value_is_named_before_the_checkpoint_is_read(entry: str, overrides: list[str], key: str,
-                                                                    allowed: str, make_cfg) -> None:
+@pytest.mark.parametrize(
+    ("entry", "overrides", "key", "allowed"), ENTRY_VALUES, ids=[f"{e} {' '.join(o)}" for e, o, _, _ in ENTRY_VALUES]
+)
+def test_bad_inference_value_is_named_before_the_checkpoint_is_read(
+    entry: str, overrides: list[str], key: str, allowed: str, make_cfg
+) -> None:
     with pytest.raises(ConfigError) as err:
         RUN[entry](make_cfg(["ckpt_path=/no/such.ckpt", *overrides], config_name=entry))
     assert f"{key}=" in str(err.value) and allowed in str(err.value)
@@ -112,12 +118,15 @@ def test_missing_data_file_setting_names_the_key(make_cfg) -> None:
         train(make_cfg(["data=text_files"]))
 
 
-@pytest.mark.parametrize(("override", "closest"), [
-    ("model.n_layr=4", "model.n_layer=4"),
-    ("trainer.max_step=10", "trainer.max_steps=10"),
-    ("optimizer.lrr=0.1", "optimizer.lr=0.1"),
-    ("seeed=3", "seed=3"),
-])
+@pytest.mark.parametrize(
+    ("override", "closest"),
+    [
+        ("model.n_layr=4", "model.n_layer=4"),
+        ("trainer.max_step=10", "trainer.max_steps=10"),
+        ("optimizer.lrr=0.1", "optimizer.lr=0.1"),
+        ("seeed=3", "seed=3"),
+    ],
+)
 def test_unknown_key_names_the_closest_valid_key(override: str, closest: str, make_cfg) -> None:
     with pytest.raises(ConfigCompositionException) as err:
         make_cfg([override])
@@ -161,8 +170,9 @@ def test_console_run_folder_that_cannot_be_written(tmp_path: Path) -> None:
     root = Path("/sys/lmlab-cannot-write-here")
     if not Path("/sys/kernel").is_dir():
         pytest.skip("no sysfs here to stand in for a read-only folder")
-    command = Command([script("lmlab-train"), "trainer.max_steps=2"], tmp_path, "ro",
-                      env={"LMLAB_ROOT": str(root)}).wait()
+    command = Command(
+        [script("lmlab-train"), "trainer.max_steps=2"], tmp_path, "ro", env={"LMLAB_ROOT": str(root)}
+    ).wait()
     errors = [line for line in command.stderr.splitlines() if line.startswith("error:")]
     assert command.returncode == 1 and len(errors) == 1, command.stderr[-2000:]
     assert str(root) in errors[0] and "LMLAB_ROOT" in errors[0]

@@ -35,8 +35,12 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint_whole(tmp_path: Path) 
     folder.mkdir(parents=True)
     path, tmpdir = folder / "last.ckpt", tmp_path / "tmpdir"
     tmpdir.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "TMPDIR": str(tmpdir)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "first"
     partial = temporary_name(path).name.replace(str(os.getpid()), str(proc.pid))
     deadline = time.monotonic() + 60
@@ -80,11 +84,21 @@ def _fast(text: Path, *extra: str) -> list[str]:
     return [*(f"++{o}" for o in FAST), "data=text_files", f"data.source.train_files={text}", "test=false", *extra]
 
 
-def test_ckpt_path_last_skips_a_torn_last_ckpt(make_cfg, learnable_text: Path, tmp_path: Path,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_ckpt_path_last_skips_a_torn_last_ckpt(
+    make_cfg, learnable_text: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run = tmp_path / "logs" / "train" / "runs" / "r1"
-    train(make_cfg(_fast(learnable_text, "trainer.max_steps=10", "trainer.val_check_interval=5",
-                         "callbacks.model_checkpoint.save_top_k=2"), run_dir=run))
+    train(
+        make_cfg(
+            _fast(
+                learnable_text,
+                "trainer.max_steps=10",
+                "trainer.val_check_interval=5",
+                "callbacks.model_checkpoint.save_top_k=2",
+            ),
+            run_dir=run,
+        )
+    )
     folder = run / "checkpoints"
     torn = folder / "last.ckpt"
     torn.write_bytes(torn.read_bytes()[:1000])  # what a kill mid-copy left
@@ -107,12 +121,24 @@ def test_ckpt_path_last_with_nothing_loadable_is_one_clear_error(make_cfg, tmp_p
 
 
 # -- scores attach to the weights they were computed on --------------------------------------------------
-def test_best_checkpoint_is_scored_by_the_validation_of_its_own_weights(make_cfg, learnable_text: Path,
-                                                                      tmp_path: Path) -> None:
+def test_best_checkpoint_is_scored_by_the_validation_of_its_own_weights(
+    make_cfg, learnable_text: Path, tmp_path: Path
+) -> None:
     # saves due every 3 steps, validations every 5: Lightning would save step 6 with step 5's score
-    train(make_cfg(_fast(learnable_text, "trainer.max_steps=30", "trainer.val_check_interval=5",
-                         "callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.model_checkpoint.save_top_k=3",
-                         "trainer.log_every_n_steps=1", "data.batch_size=4"), run_dir=tmp_path / "run"))
+    train(
+        make_cfg(
+            _fast(
+                learnable_text,
+                "trainer.max_steps=30",
+                "trainer.val_check_interval=5",
+                "callbacks.model_checkpoint.every_n_train_steps=3",
+                "callbacks.model_checkpoint.save_top_k=3",
+                "trainer.log_every_n_steps=1",
+                "data.batch_size=4",
+            ),
+            run_dir=tmp_path / "run",
+        )
+    )
     with (tmp_path / "run" / "csv" / "metrics.csv").open() as f:
         # the validation after training step s is logged at step s - 1
         val_ppl = {int(r["step"]) + 1: float(r["val/ppl"]) for r in csv.DictReader(f) if r.get("val/ppl")}

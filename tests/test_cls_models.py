@@ -39,20 +39,31 @@ class Case:
 
 CASES = {
     "bilstm_max": Case(lambda: RNNClassifier(VOCAB, CLASSES, PAD, "lstm", EMB, hidden_size=32, dropout=0.1)),
-    "bigru_mean": Case(lambda: RNNClassifier(VOCAB, CLASSES, PAD, "gru", EMB, hidden_size=32, pooling="mean",
-                                             dropout=0.1)),
-    "lstm_last_2layers": Case(lambda: RNNClassifier(VOCAB, CLASSES, PAD, "lstm", EMB, hidden_size=32, n_layer=2,
-                                                    pooling="last", dropout=0.1)),
+    "bigru_mean": Case(
+        lambda: RNNClassifier(VOCAB, CLASSES, PAD, "gru", EMB, hidden_size=32, pooling="mean", dropout=0.1)
+    ),
+    "lstm_last_2layers": Case(
+        lambda: RNNClassifier(VOCAB, CLASSES, PAD, "lstm", EMB, hidden_size=32, n_layer=2, pooling="last", dropout=0.1)
+    ),
     "textcnn": Case(lambda: TextCNN(VOCAB, CLASSES, PAD, EMB, kernel_sizes=[2, 3, 5], n_filters=16, dropout=0.1)),
-    "transformer_cls_learned": Case(lambda: TransformerClassifier(VOCAB, CLASSES, PAD, MAX_LEN, n_layer=1, n_head=2,
-                                                                  n_embd=32)),
-    "transformer_mean_sinusoidal": Case(lambda: TransformerClassifier(
-        VOCAB, CLASSES, PAD, MAX_LEN, n_layer=1, n_head=2, n_embd=32, positions="sinusoidal", pooling="mean")),
+    "transformer_cls_learned": Case(
+        lambda: TransformerClassifier(VOCAB, CLASSES, PAD, MAX_LEN, n_layer=1, n_head=2, n_embd=32)
+    ),
+    "transformer_mean_sinusoidal": Case(
+        lambda: TransformerClassifier(
+            VOCAB, CLASSES, PAD, MAX_LEN, n_layer=1, n_head=2, n_embd=32, positions="sinusoidal", pooling="mean"
+        )
+    ),
     # an average of ~10 fillers and one marker moves slowly: a larger step, as fastText uses
     "bag_of_ngrams": Case(lambda: BagOfNGrams(VOCAB, CLASSES, PAD, EMB, ngrams=3, buckets=1000), lr=3e-2),
     # MiniLM's vocabulary: ids from 3000 on are ordinary words (paris, systems, saint, ...)
-    "hf_encoder": Case(lambda: HFEncoderClassifier(CLASSES, _local_encoder(), pooling="mean"), lr=3e-4, steps=20,
-                       batch_size=16, first_id=3000),
+    "hf_encoder": Case(
+        lambda: HFEncoderClassifier(CLASSES, _local_encoder(), pooling="mean"),
+        lr=3e-4,
+        steps=20,
+        batch_size=16,
+        first_id=3000,
+    ),
 }
 
 
@@ -197,19 +208,37 @@ def test_frozen_hf_encoder_trains_only_its_head() -> None:
 
 
 # -- bad settings -------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("build", "message"), [
-    (lambda: RNNClassifier(VOCAB, CLASSES, PAD, pooling="foo"),
-     "model.pooling must be one of max, mean, last, got 'foo'"),
-    (lambda: RNNClassifier(VOCAB, CLASSES, PAD, cell="rnn"), "model.cell must be one of lstm, gru"),
-    (lambda: TransformerClassifier(VOCAB, CLASSES, PAD, 8, pooling="max"), "model.pooling must be one of cls, mean"),
-    (lambda: TransformerClassifier(VOCAB, CLASSES, PAD, 8, positions="rotary"), "model.positions"),
-    (lambda: TransformerClassifier(VOCAB, CLASSES, PAD, 8, n_embd=30, n_head=4), "model.n_embd (30)"),
-    (lambda: TextCNN(VOCAB, CLASSES, PAD, kernel_sizes=[3, 0]), "model.kernel_sizes"),
-    (lambda: TextCNN(VOCAB, CLASSES, PAD, embedding={"dims": 8}), "model.embedding.dims"),
-    (lambda: BagOfNGrams(VOCAB, CLASSES, PAD, ngrams=0), "model.ngrams"),
-    (lambda: BagOfNGrams(VOCAB, CLASSES, PAD, buckets=0), "model.buckets"),
-], ids=["rnn_pooling", "rnn_cell", "transformer_pooling", "positions", "n_head", "kernel", "embedding_key", "ngrams",
-        "buckets"])
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: RNNClassifier(VOCAB, CLASSES, PAD, pooling="foo"),
+            "model.pooling must be one of max, mean, last, got 'foo'",
+        ),
+        (lambda: RNNClassifier(VOCAB, CLASSES, PAD, cell="rnn"), "model.cell must be one of lstm, gru"),
+        (
+            lambda: TransformerClassifier(VOCAB, CLASSES, PAD, 8, pooling="max"),
+            "model.pooling must be one of cls, mean",
+        ),
+        (lambda: TransformerClassifier(VOCAB, CLASSES, PAD, 8, positions="rotary"), "model.positions"),
+        (lambda: TransformerClassifier(VOCAB, CLASSES, PAD, 8, n_embd=30, n_head=4), "model.n_embd (30)"),
+        (lambda: TextCNN(VOCAB, CLASSES, PAD, kernel_sizes=[3, 0]), "model.kernel_sizes"),
+        (lambda: TextCNN(VOCAB, CLASSES, PAD, embedding={"dims": 8}), "model.embedding.dims"),
+        (lambda: BagOfNGrams(VOCAB, CLASSES, PAD, ngrams=0), "model.ngrams"),
+        (lambda: BagOfNGrams(VOCAB, CLASSES, PAD, buckets=0), "model.buckets"),
+    ],
+    ids=[
+        "rnn_pooling",
+        "rnn_cell",
+        "transformer_pooling",
+        "positions",
+        "n_head",
+        "kernel",
+        "embedding_key",
+        "ngrams",
+        "buckets",
+    ],
+)
 def test_bad_settings_name_the_key(build: Callable[[], nn.Module], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         build()
@@ -231,8 +260,15 @@ def test_hf_encoder_errors_name_the_key_and_the_fix(tmp_path: Path) -> None:
 
 # -- pretrained word vectors --------------------------------------------------------------------------
 VOCABULARY = ["<pad>", "the", "cat", "Dog", "bird", "New York"]
-VECTOR_LINES = ["the 1 2 3", "Cat 4 5 6", "cat 7 8 9", "dog 0.5 0.5 0.5", "DOG 1 1 1", "zebra 9 9 9",
-                "New York -1 -2 -3"]
+VECTOR_LINES = [
+    "the 1 2 3",
+    "Cat 4 5 6",
+    "cat 7 8 9",
+    "dog 0.5 0.5 0.5",
+    "DOG 1 1 1",
+    "zebra 9 9 9",
+    "New York -1 -2 -3",
+]
 
 
 @pytest.mark.parametrize("header", [True, False], ids=["word2vec", "glove"])
@@ -280,9 +316,18 @@ def test_frozen_embedding_only_with_pretrained_vectors() -> None:
 def test_gpt_keeps_its_parameter_names_on_the_shared_blocks() -> None:
     gpt = GPT(vocab_size=VOCAB, block_size=8, n_layer=1, n_head=2, n_embd=16)
     keys = set(gpt.state_dict())
-    for key in ["wte.weight", "wpe.weight", "blocks.0.ln_1.weight", "blocks.0.attn.qkv.weight",
-                "blocks.0.attn.proj.weight", "blocks.0.ln_2.weight", "blocks.0.mlp.fc.weight",
-                "blocks.0.mlp.proj.weight", "ln_f.weight", "lm_head.weight"]:
+    for key in [
+        "wte.weight",
+        "wpe.weight",
+        "blocks.0.ln_1.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.weight",
+        "blocks.0.ln_2.weight",
+        "blocks.0.mlp.fc.weight",
+        "blocks.0.mlp.proj.weight",
+        "ln_f.weight",
+        "lm_head.weight",
+    ]:
         assert key in keys
     assert isinstance(gpt.blocks[0], Block) and gpt.blocks[0].attn.causal
     encoder = TransformerClassifier(VOCAB, CLASSES, PAD, 8, n_layer=1, n_head=2, n_embd=16)

@@ -44,8 +44,11 @@ CONF = Path(config_dir())
 # "++" sets a key whether or not the composed config already has it.
 FAST_OVERRIDES = [f"++{o}" for o in FAST]
 # FAST without its schedule (max_steps, validation interval and limits), for presets that set their own.
-TINY = [o for o in FAST_OVERRIDES if not o.startswith(("++trainer.max_steps", "++trainer.val_check_interval",
-                                                       "++trainer.limit_"))]
+TINY = [
+    o
+    for o in FAST_OVERRIDES
+    if not o.startswith(("++trainer.max_steps", "++trainer.val_check_interval", "++trainer.limit_"))
+]
 TEXT = "the red cat sat on the blue mat.\nthe old dog lay on the flat rug.\n" * 40
 
 
@@ -75,11 +78,27 @@ def _small_model(model: DictConfig) -> list[str]:
 
 # -- every option of every group ----------------------------------------------------------------------
 # What a data module would decide, for building any task's network without data.
-DATA_INFO = {"vocab_size": 13, "pad_id": 0, "block_size": 16, "chars_per_token": {}, "num_classes": 3,
-             "labels": ["a", "b", "c"], "max_length": 16, "add_special_tokens": True, "label_counts": [4, 5, 6],
-             "src_vocab_size": 13, "tgt_vocab_size": 13, "src_pad_id": 0, "tgt_pad_id": 0, "eos_id": 1,
-             "shared_vocabulary": True, "source_lang": "en", "target_lang": "de", "max_source_length": 16,
-             "max_target_length": 16}
+DATA_INFO = {
+    "vocab_size": 13,
+    "pad_id": 0,
+    "block_size": 16,
+    "chars_per_token": {},
+    "num_classes": 3,
+    "labels": ["a", "b", "c"],
+    "max_length": 16,
+    "add_special_tokens": True,
+    "label_counts": [4, 5, 6],
+    "src_vocab_size": 13,
+    "tgt_vocab_size": 13,
+    "src_pad_id": 0,
+    "tgt_pad_id": 0,
+    "eos_id": 1,
+    "shared_vocabulary": True,
+    "source_lang": "en",
+    "target_lang": "de",
+    "max_source_length": 16,
+    "max_target_length": 16,
+}
 
 
 def _is_classifier(model: DictConfig) -> bool:
@@ -117,8 +136,10 @@ def _local_files(source: DictConfig, tmp_path: Path) -> list[str]:
         pairs = [json.loads(line) for line in write_pairs(tmp_path / "p.jsonl", 64, 0).read_text().splitlines()]
         for lang in ("en", "de"):
             (tmp_path / f"train.{lang}").write_text("\n".join(p[lang] for p in pairs) + "\n", encoding="utf-8")
-        return [f"data.source.train.{role}={tmp_path / f'train.{lang}'}" for role, lang in (("source", "en"),
-                                                                                              ("target", "de"))]
+        return [
+            f"data.source.train.{role}={tmp_path / f'train.{lang}'}"
+            for role, lang in (("source", "en"), ("target", "de"))
+        ]
     if "train_files" not in source.keys() or not OmegaConf.is_missing(source, "train_files"):
         return []
     if "source" in source.get("columns", {}):
@@ -216,8 +237,12 @@ def _check_trainer(cfg: DictConfig, option: str, tmp_path: Path) -> None:
     if accelerator in {"gpu", "cuda"} and torch.cuda.device_count() < cfg.trainer.devices:
         return  # composed and validated; building it needs the GPUs
     # "auto" (ddp) would pick GPUs where there are some: build it on CPU processes (fit is never called).
-    trainer = hydra.utils.instantiate(cfg.trainer, accelerator="cpu" if accelerator == "auto" else accelerator,
-                                      logger=False, enable_progress_bar=False)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        accelerator="cpu" if accelerator == "auto" else accelerator,
+        logger=False,
+        enable_progress_bar=False,
+    )
     assert isinstance(trainer, L.Trainer)
     assert trainer.num_devices == cfg.trainer.devices
     assert trainer.max_steps == cfg.trainer.max_steps
@@ -396,9 +421,11 @@ def test_unknown_group_option_lists_available_options(make_cfg) -> None:
 
 @pytest.mark.parametrize(
     ("task", "data", "expected"),
-    [("classification", "text_files", ["imdb", "labeled_files", "sst2"]),
-     ("translation", "imdb", ["multi30k", "translation_files", "aligned_text"]),
-     ("lm", "multi30k", ["pydoc", "text_files", "wikitext2"])],
+    [
+        ("classification", "text_files", ["imdb", "labeled_files", "sst2"]),
+        ("translation", "imdb", ["multi30k", "translation_files", "aligned_text"]),
+        ("lm", "multi30k", ["pydoc", "text_files", "wikitext2"]),
+    ],
 )
 def test_data_of_another_task_is_rejected_with_this_tasks_options(
     task: str, data: str, expected: list[str], make_cfg
@@ -433,25 +460,41 @@ class Recorder(L.Callback):
         self.test_batches = 0
         Recorder.instances.append(self)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.train_batches.append((trainer.current_epoch, batch[0].clone()))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.train_losses.append(float(outputs["loss"]))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self.val_batches.append(0)
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not trainer.sanity_checking:
             self.val_batches[-1] += 1
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.test_batches += 1
 
 
@@ -491,17 +534,32 @@ def _offline_data(experiment: DictConfig, text: Path, labeled: Path, pairs: Path
         if "name_or_path" in experiment.model:
             folder = _local_encoder(experiment.model).name_or_path
             tokenizer = [f"model.name_or_path={folder}", f"tokenizer.name_or_path={folder}"]
-        fast = [o for o in cls_overrides(labeled) if not o.startswith(("task=", "optimizer.", "trainer.max_steps",
-                                                                       "trainer.val_check_interval"))]
-        return [*fast, *tokenizer, "trainer.max_steps=20", "trainer.val_check_interval=10",
-                "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
-    return ["data=text_files", f"data.source.train_files={text}", "data.source.test_fraction=0.1",
-            *FAST_OVERRIDES, *_small_model(experiment.model)]
+        fast = [
+            o
+            for o in cls_overrides(labeled)
+            if not o.startswith(("task=", "optimizer.", "trainer.max_steps", "trainer.val_check_interval"))
+        ]
+        return [
+            *fast,
+            *tokenizer,
+            "trainer.max_steps=20",
+            "trainer.val_check_interval=10",
+            "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=2",
+        ]
+    return [
+        "data=text_files",
+        f"data.source.train_files={text}",
+        "data.source.test_fraction=0.1",
+        *FAST_OVERRIDES,
+        *_small_model(experiment.model),
+    ]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_text: Path, labeled_dir: Path,
-                                              pairs_dir: Path, tmp_path: Path) -> None:
+def test_every_experiment_composes_and_trains(
+    name: str, make_cfg, learnable_text: Path, labeled_dir: Path, pairs_dir: Path, tmp_path: Path
+) -> None:
     experiment = make_cfg([f"experiment={name}"])
     validate_config(experiment)
     # Offline and small: local data, a tiny network, CPU.
@@ -516,8 +574,14 @@ def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_tex
     ]
     cfg = make_cfg(overrides, run_dir=tmp_path / "exp_run")
     # the experiment's own choices survive the offline overrides
-    for key in ("task_name", "task.module._target_", "model._target_", "tokenizer._target_", "optimizer._target_",
-                "scheduler._target_"):
+    for key in (
+        "task_name",
+        "task.module._target_",
+        "model._target_",
+        "tokenizer._target_",
+        "optimizer._target_",
+        "scheduler._target_",
+    ):
         assert OmegaConf.select(cfg, key) == OmegaConf.select(experiment, key), key
 
     value = train(cfg)
@@ -530,8 +594,9 @@ def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_tex
     assert saved["model"]["_target_"] == experiment.model._target_
     assert not any(isinstance(v, str) and "${" in v for v in _walk(saved))
     metrics = json.loads((tmp_path / "exp_run" / "metrics.json").read_text())["metrics"]
-    expected = "test/acc" if _is_classifier(experiment.model) else "test/bleu" if _is_seq2seq(experiment.model) \
-        else "test/ppl"
+    expected = (
+        "test/acc" if _is_classifier(experiment.model) else "test/bleu" if _is_seq2seq(experiment.model) else "test/ppl"
+    )
     assert expected in metrics
 
 
@@ -539,18 +604,38 @@ def test_every_experiment_composes_and_trains(name: str, make_cfg, learnable_tex
 # Only what makes each preset quick here; every other setting is the preset's own.
 DEBUG_SPEEDUPS = {
     "overfit": ["trainer.max_steps=30", "trainer.check_val_every_n_epoch=5"],
-    "quick": ["trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.limit_val_batches=3",
-              "trainer.limit_test_batches=3"],
+    "quick": [
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=10",
+        "trainer.limit_val_batches=3",
+        "trainer.limit_test_batches=3",
+    ],
 }
 
 
 @pytest.mark.parametrize("preset", DEBUG_PRESETS)
-def test_debug_preset_runs(preset: str, make_cfg, learnable_text: Path, tmp_path: Path, recorder,
-                           capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+def test_debug_preset_runs(
+    preset: str,
+    make_cfg,
+    learnable_text: Path,
+    tmp_path: Path,
+    recorder,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # small eval batches so the validation split has more batches than the presets' limits
-    cfg = make_cfg([f"debug={preset}", "data=text_files", f"data.source.train_files={learnable_text}",
-                    "data.source.test_fraction=0.1", "data.eval_batch_size=8", *TINY, RECORDER,
-                    *DEBUG_SPEEDUPS.get(preset, [])])
+    cfg = make_cfg(
+        [
+            f"debug={preset}",
+            "data=text_files",
+            f"data.source.train_files={learnable_text}",
+            "data.source.test_fraction=0.1",
+            "data.eval_batch_size=8",
+            *TINY,
+            RECORDER,
+            *DEBUG_SPEEDUPS.get(preset, []),
+        ]
+    )
     assert cfg.task_name == "debug" and cfg.extras.debug
 
     value = train(cfg)

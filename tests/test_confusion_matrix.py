@@ -89,11 +89,15 @@ def _tb_image_tags(folder: Path) -> dict[str, list[int]]:
     return tags
 
 
-def _fit(tmp_path: Path, labels: list[str], callback: ConfusionMatrixLogger, **trainer_kwargs: Any
-         ) -> tuple[L.Trainer, FixedPredictions, list[dict[str, Any]]]:
+def _fit(
+    tmp_path: Path, labels: list[str], callback: ConfusionMatrixLogger, **trainer_kwargs: Any
+) -> tuple[L.Trainer, FixedPredictions, list[dict[str, Any]]]:
     """Fits with CSV, TensorBoard and offline W&B loggers; returns what reached W&B's ``log_metrics``."""
-    loggers = [CSVLogger(tmp_path, name="csv", version=""), TensorBoardLogger(tmp_path, name="tb", version=""),
-               WandbLogger(save_dir=str(tmp_path), offline=True)]
+    loggers = [
+        CSVLogger(tmp_path, name="csv", version=""),
+        TensorBoardLogger(tmp_path, name="tb", version=""),
+        WandbLogger(save_dir=str(tmp_path), offline=True),
+    ]
     logged: list[dict[str, Any]] = []
     log_metrics = loggers[2].log_metrics
 
@@ -103,9 +107,18 @@ def _fit(tmp_path: Path, labels: list[str], callback: ConfusionMatrixLogger, **t
 
     loggers[2].log_metrics = spy
     model = FixedPredictions(labels)
-    trainer = L.Trainer(max_steps=2, logger=loggers, callbacks=[callback], enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        accelerator="cpu", log_every_n_steps=1, **trainer_kwargs)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=loggers,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        log_every_n_steps=1,
+        **trainer_kwargs,
+    )
     trainer.fit(model, _train_loader(), _eval_loader())
     return trainer, model, logged
 
@@ -159,18 +172,22 @@ def test_test_stage_is_logged_unless_left_out_of_stages(tmp_path: Path) -> None:
 
     wandb.finish()
     val_only = tmp_path / "val_only"
-    trainer, model, _ = _fit(val_only, LABELS, ConfusionMatrixLogger(stages=["val"]), val_check_interval=2,
-                             num_sanity_val_steps=0)
+    trainer, model, _ = _fit(
+        val_only, LABELS, ConfusionMatrixLogger(stages=["val"]), val_check_interval=2, num_sanity_val_steps=0
+    )
     trainer.test(model, _eval_loader(), verbose=False)
     assert "test" in model.confusion_matrices
     assert sorted(p.name for p in (val_only / "csv" / "confusion_matrix").iterdir()) == [
-        "val_latest.csv", "val_step000002.csv"]
+        "val_latest.csv",
+        "val_step000002.csv",
+    ]
 
 
 def test_many_classes_get_csv_and_table_but_no_image(tmp_path: Path) -> None:
     labels = [f"class{i}" for i in range(5)]
-    _, _, logged = _fit(tmp_path, labels, ConfusionMatrixLogger(max_classes_for_image=4), val_check_interval=2,
-                        num_sanity_val_steps=0)
+    _, _, logged = _fit(
+        tmp_path, labels, ConfusionMatrixLogger(max_classes_for_image=4), val_check_interval=2, num_sanity_val_steps=0
+    )
     header, rows, counts = _read_csv(tmp_path / "csv" / "confusion_matrix" / "val_latest.csv")
     assert header[1:] == labels and rows == labels
     np.testing.assert_array_equal(counts, _expected(5))
@@ -180,8 +197,14 @@ def test_many_classes_get_csv_and_table_but_no_image(tmp_path: Path) -> None:
 
 
 def test_nothing_is_logged_during_the_sanity_check(tmp_path: Path) -> None:
-    _, model, logged = _fit(tmp_path, LABELS, ConfusionMatrixLogger(), num_sanity_val_steps=2,
-                            val_check_interval=1000, check_val_every_n_epoch=None)
+    _, model, logged = _fit(
+        tmp_path,
+        LABELS,
+        ConfusionMatrixLogger(),
+        num_sanity_val_steps=2,
+        val_check_interval=1000,
+        check_val_every_n_epoch=None,
+    )
     assert "val" in model.confusion_matrices  # the sanity check did fill it
     assert not (tmp_path / "csv" / "confusion_matrix").exists()
     assert _tb_image_tags(tmp_path / "tb") == {}

@@ -73,9 +73,7 @@ def test_jsonl_csv_parquet_json_text_columns(tmp_path: Path) -> None:
     (tmp_path / "d.json").write_text(json.dumps([{"body": "eta seven", "n": 7}]), encoding="utf-8")
     files = [str(tmp_path / n) for n in ("a.jsonl", "b.csv", "c.parquet", "d.json")]
     splits = TextFiles(files, text_column="body", join_with=" | ", val_fraction=0.0).load()
-    assert splits["train"] == (
-        "alpha one | beta two | gamma, three | delta four | epsilon five | zeta six | eta seven"
-    )
+    assert splits["train"] == ("alpha one | beta two | gamma, three | delta four | epsilon five | zeta six | eta seven")
 
 
 def test_glob_matches_files_in_sorted_order(tmp_path: Path) -> None:
@@ -94,8 +92,11 @@ def test_explicit_val_and_test_files(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "val.jsonl", [{"text": "val a"}, {"text": "val b"}])
     (tmp_path / "test.txt").write_text("test text", encoding="utf-8")
     source = TextFiles(
-        str(tmp_path / "train.txt"), val_files=str(tmp_path / "val.jsonl"), test_files=[str(tmp_path / "test.txt")],
-        val_fraction=0.1, test_fraction=0.1,
+        str(tmp_path / "train.txt"),
+        val_files=str(tmp_path / "val.jsonl"),
+        test_files=[str(tmp_path / "test.txt")],
+        val_fraction=0.1,
+        test_fraction=0.1,
     )
     # explicit files win: nothing is carved from the training text
     assert source.load() == {"train": "training text", "validation": "val a\nval b", "test": "test text"}
@@ -105,8 +106,9 @@ def test_explicit_val_file_and_carved_test(tmp_path: Path) -> None:
     text = _text(20)
     (tmp_path / "train.txt").write_text(text, encoding="utf-8")
     (tmp_path / "val.txt").write_text("validation", encoding="utf-8")
-    splits = TextFiles(str(tmp_path / "train.txt"), val_files=str(tmp_path / "val.txt"),
-                       val_fraction=0.1, test_fraction=0.25).load()
+    splits = TextFiles(
+        str(tmp_path / "train.txt"), val_files=str(tmp_path / "val.txt"), val_fraction=0.1, test_fraction=0.25
+    ).load()
     assert splits["validation"] == "validation"
     assert splits["train"] == text[: int(len(text) * 0.75)]
     assert splits["test"] == text[int(len(text) * 0.75) :]

@@ -44,16 +44,23 @@ def _learnable_text(path: Path) -> Path:
 
 def _train_overrides(text: Path) -> list[str]:
     # Whole validation and test splits, so a re-evaluation sees exactly the batches training saw.
-    return [*FAST_OVERRIDES, "data=text_files", f"data.source.train_files={text}", "data.source.test_fraction=0.1",
-            "++trainer.limit_val_batches=1.0", "++trainer.limit_test_batches=1.0"]
+    return [
+        *FAST_OVERRIDES,
+        "data=text_files",
+        f"data.source.train_files={text}",
+        "data.source.test_fraction=0.1",
+        "++trainer.limit_val_batches=1.0",
+        "++trainer.limit_test_batches=1.0",
+    ]
 
 
 def _compose(root: Path, overrides: list[str], run_dir: Path, config_name: str = "train") -> DictConfig:
     """What the ``make_cfg`` fixture does, for a module-scoped training run."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=[f"paths.root_dir={root}", *overrides],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name=config_name, overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
@@ -75,8 +82,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cfg = _compose(root, _train_overrides(text), run_dir)
     value = train(cfg)
     report = json.loads((run_dir / "metrics.json").read_text())
-    return {"root": root, "text": text, "run_dir": run_dir, "value": value, "report": report,
-            "best": Path(report["best_checkpoint"]), "last": run_dir / "checkpoints" / "last.ckpt"}
+    return {
+        "root": root,
+        "text": text,
+        "run_dir": run_dir,
+        "value": value,
+        "report": report,
+        "best": Path(report["best_checkpoint"]),
+        "last": run_dir / "checkpoints" / "last.ckpt",
+    }
 
 
 # -- evaluate -------------------------------------------------------------------------------------------
@@ -109,8 +123,9 @@ def test_evaluate_one_split_and_writes_metrics(trained: dict[str, Any], make_cfg
 
 # -- generate -------------------------------------------------------------------------------------------
 def _generate(make_cfg: Callable[..., DictConfig], ckpt: Path, *extra: str) -> list[str]:
-    return generate_samples(make_cfg([f"ckpt_path={ckpt}", "prompt='the '", "max_new_tokens=20", *extra],
-                                     config_name="generate"))
+    return generate_samples(
+        make_cfg([f"ckpt_path={ckpt}", "prompt='the '", "max_new_tokens=20", *extra], config_name="generate")
+    )
 
 
 def test_generate_is_reproducible_with_a_seed(trained: dict[str, Any], make_cfg) -> None:
@@ -141,12 +156,17 @@ def test_model_override_must_match_checkpoint(config_name: str, trained: dict[st
     with pytest.raises(CheckpointMismatchError, match="model"):
         run(make_cfg([f"ckpt_path={trained['best']}", "model=lstm"], config_name=config_name))
     with pytest.raises(CheckpointMismatchError, match="n_embd"):
-        run(make_cfg([f"ckpt_path={trained['best']}", "model=gpt", "model.n_layer=1", "model.n_embd=64"],
-                     config_name=config_name))
+        run(
+            make_cfg(
+                [f"ckpt_path={trained['best']}", "model=gpt", "model.n_layer=1", "model.n_embd=64"],
+                config_name=config_name,
+            )
+        )
     # the checkpoint's own model settings are accepted
     quick = ["splits=[validation]"] if config_name == "eval" else ["max_new_tokens=2"]
-    matching = make_cfg([f"ckpt_path={trained['best']}", "model=gpt", "model.n_layer=1", *quick],
-                        config_name=config_name)
+    matching = make_cfg(
+        [f"ckpt_path={trained['best']}", "model=gpt", "model.n_layer=1", *quick], config_name=config_name
+    )
     assert run(matching)
 
 
@@ -172,8 +192,7 @@ def test_missing_checkpoint_is_a_config_error(make_cfg, tmp_path: Path) -> None:
     assert not (tmp_path / ".cache").exists(), "train() did work before checking ckpt_path"
 
 
-def test_ckpt_path_last_finds_newest_last_ckpt_of_the_task(trained: dict[str, Any], make_cfg,
-                                                           tmp_path: Path) -> None:
+def test_ckpt_path_last_finds_newest_last_ckpt_of_the_task(trained: dict[str, Any], make_cfg, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="last"):
         resolve_ckpt_path(make_cfg(["ckpt_path=last"]))
 
@@ -195,12 +214,15 @@ def test_ckpt_path_last_finds_newest_last_ckpt_of_the_task(trained: dict[str, An
     newest = place("train/runs/crashed/checkpoints/interrupted.ckpt", age=50)  # saved on Ctrl-C or a crash
     assert resolve_ckpt_path(make_cfg(["ckpt_path=last"])) == str(newest)
     assert resolve_ckpt_path(make_cfg(["ckpt_path=last", "task_name=other_task"])) == str(
-        tmp_path / "logs" / "other_task/runs/x/checkpoints/last.ckpt")
+        tmp_path / "logs" / "other_task/runs/x/checkpoints/last.ckpt"
+    )
 
     # and training resumes from it: 10 more steps (one validation) after the checkpoint's 20
     steps = torch.load(newest, weights_only=True)["global_step"]
-    cfg = make_cfg([*_train_overrides(trained["text"]), "ckpt_path=last", f"trainer.max_steps={steps + 10}",
-                    "test=false"], run_dir=tmp_path / "resumed")
+    cfg = make_cfg(
+        [*_train_overrides(trained["text"]), "ckpt_path=last", f"trainer.max_steps={steps + 10}", "test=false"],
+        run_dir=tmp_path / "resumed",
+    )
     train(cfg)
     resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == steps + 10
@@ -236,8 +258,9 @@ def test_checkpoint_is_self_contained_and_weights_only(trained: dict[str, Any]) 
 
 
 # -- a non-finite loss ----------------------------------------------------------------------------------
-def test_nan_loss_stops_with_step_and_last_good_checkpoint(make_cfg, learnable_text: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(
+    make_cfg, learnable_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     nan_step = 7
     loss = LanguageModelingTask._loss
 
@@ -246,8 +269,14 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(make_cfg, learnable_t
         return value * float("nan") if self.training and self.global_step >= nan_step else value
 
     monkeypatch.setattr(LanguageModelingTask, "_loss", nan_from_step)
-    cfg = make_cfg([*FAST_OVERRIDES, "data=text_files", f"data.source.train_files={learnable_text}",
-                    "trainer.val_check_interval=5"])
+    cfg = make_cfg(
+        [
+            *FAST_OVERRIDES,
+            "data=text_files",
+            f"data.source.train_files={learnable_text}",
+            "trainer.val_check_interval=5",
+        ]
+    )
     with pytest.raises(NonFiniteLossError) as info:
         train(cfg)
     message = str(info.value)
@@ -273,19 +302,33 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Command]:
     text = _learnable_text(cwd / "input.txt")
     help_dir, bad_dir = tmp_path_factory.mktemp("cli_help"), tmp_path_factory.mktemp("cli_bad")
     commands = {
-        "train": Command([script("lmlab-train"), *_train_overrides(text), "trainer.max_steps=10",
-                          "trainer.val_check_interval=5"], cwd, "train"),
+        "train": Command(
+            [script("lmlab-train"), *_train_overrides(text), "trainer.max_steps=10", "trainer.val_check_interval=5"],
+            cwd,
+            "train",
+        ),
         "help": Command([sys.executable, "-m", "lmlab.train", "--help"], help_dir, "help"),
-        "bad": Command([script("lmlab-train"), "data=text_files", "data.source.train_files=/nonexistent.txt",
-                        "print_config=false"], bad_dir, "bad"),
+        "bad": Command(
+            [
+                script("lmlab-train"),
+                "data=text_files",
+                "data.source.train_files=/nonexistent.txt",
+                "print_config=false",
+            ],
+            bad_dir,
+            "bad",
+        ),
     }
     if commands["train"].wait().returncode == 0:
         report = json.loads(next((cwd / "logs" / "train" / "runs").glob("*/metrics.json")).read_text())
         ckpt = report["best_checkpoint"]
         commands["eval"] = Command([script("lmlab-eval"), f"ckpt_path={ckpt}"], cwd, "eval")
         # prompt="the " with its quotes reaching Hydra (typed as 'prompt="the "' in a shell)
-        commands["generate"] = Command([script("lmlab-generate"), f"ckpt_path={ckpt}", 'prompt="the "',
-                                        "max_new_tokens=20", "seed=0"], cwd, "generate")
+        commands["generate"] = Command(
+            [script("lmlab-generate"), f"ckpt_path={ckpt}", 'prompt="the "', "max_new_tokens=20", "seed=0"],
+            cwd,
+            "generate",
+        )
     for command in commands.values():
         command.wait()
     return commands
@@ -331,16 +374,25 @@ def test_cli_eval_prints_the_checkpoint_metrics(cli: dict[str, Command]) -> None
 def test_cli_generate_prints_prompt_and_seeded_sample(cli: dict[str, Command], make_cfg) -> None:
     report = _train_report(cli)
     out = _ok(cli["generate"]).stdout
-    expected = generate_samples(make_cfg([f"ckpt_path={report['best_checkpoint']}", "prompt='the '",
-                                          "max_new_tokens=20", "seed=0"], config_name="generate"))
+    expected = generate_samples(
+        make_cfg(
+            [f"ckpt_path={report['best_checkpoint']}", "prompt='the '", "max_new_tokens=20", "seed=0"],
+            config_name="generate",
+        )
+    )
     assert out == "the " + expected[0] + "\n"
 
 
 def test_cli_help_lists_groups_and_starts_no_run(cli: dict[str, Command]) -> None:
     out = _ok(cli["help"]).stdout
-    for group in ("model", "data", "tokenizer", "trainer", "optimizer", "scheduler", "callbacks", "logger", "debug"):
+    for group in ("model", "data", "tokenizer", "optimizer", "scheduler", "logger"):
         options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         assert f"{group}: {', '.join(options)}" in out
+    # only what a user picks: not the pieces of a callback set, nor a base that other options build on
+    assert "callbacks: classification, default, none, translation\n" in out
+    assert "trainer: cpu, ddp, fsdp, gpu\n" in out
+    assert "debug: fast_dev_run, limit, overfit, profiler, quick\n" in out
+    assert "paths:" not in out.split("== Config ==")[0]
     assert "ckpt_path" in out
     assert not (cli["help"].cwd / "logs").exists(), "--help started a run"
 

@@ -187,8 +187,9 @@ def test_gpt_prompt_longer_than_block_size() -> None:
 
 def test_gpt_sampled_generation_beyond_block_size() -> None:
     model = _gpt(block_size=8)
-    out = generate(model, _prompt(length=3), 30, temperature=1.0, top_k=5, top_p=0.9,
-                   generator=torch.Generator().manual_seed(0))
+    out = generate(
+        model, _prompt(length=3), 30, temperature=1.0, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(0)
+    )
     assert out.shape == (2, 33)
 
 
@@ -225,8 +226,7 @@ def test_suppressed_ids_are_never_sampled() -> None:
         model.lm_head.weight.zero_()
         model.lm_head.weight[3] = 1.0
     gen = torch.Generator().manual_seed(0)
-    out = generate(model, torch.zeros(4, 1, dtype=torch.long), 30, temperature=1.0, generator=gen,
-                   suppress_ids=[3])
+    out = generate(model, torch.zeros(4, 1, dtype=torch.long), 30, temperature=1.0, generator=gen, suppress_ids=[3])
     assert 3 not in out[:, 1:].tolist()[0] and not (out[:, 1:] == 3).any()
     greedy = generate(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
     assert (greedy[:, 1:] == 3).all()  # without suppression the same model picks it

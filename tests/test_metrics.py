@@ -23,8 +23,9 @@ def _independent_loss(task: torch.nn.Module, loader) -> tuple[float, int]:
     with torch.no_grad():
         for x, y in loader:
             logits, _ = task.net(x)
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), y.reshape(-1),
-                                     reduction="sum").item()
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).double(), y.reshape(-1), reduction="sum"
+            ).item()
             count += y.numel()
     return total / count, count
 

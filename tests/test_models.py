@@ -31,8 +31,15 @@ def _gpt(**kwargs) -> GPT:
 
 def _rnn(cell: str, **kwargs) -> RecurrentLM:
     torch.manual_seed(0)
-    settings = {"vocab_size": VOCAB, "cell": cell, "n_embd": 16, "hidden_size": 24, "n_layer": 2,
-                "dropout": 0.1, **kwargs}
+    settings = {
+        "vocab_size": VOCAB,
+        "cell": cell,
+        "n_embd": 16,
+        "hidden_size": 24,
+        "n_layer": 2,
+        "dropout": 0.1,
+        **kwargs,
+    }
     return RecurrentLM(**settings).eval()
 
 
@@ -185,22 +192,25 @@ def test_task_training_reduces_loss(model: str, make_cfg, learnable_text: Path, 
     from lmlab.train import train
 
     run_dir = tmp_path / "run"
-    cfg = make_cfg([
-        f"model={model}",
-        "data=text_files",
-        f"data.source.train_files={learnable_text}",
-        *FAST_OVERRIDES,
-        "tokenizer=char",
-        "optimizer.lr=3e-3",
-        "scheduler=constant",
-        "trainer.max_steps=40",
-        "trainer.val_check_interval=20",
-        "trainer.log_every_n_steps=1",
-        "test=false",
-        "callbacks.early_stopping=null",
-        "callbacks.samples=null",
-        "logger=csv",
-    ], run_dir=run_dir)
+    cfg = make_cfg(
+        [
+            f"model={model}",
+            "data=text_files",
+            f"data.source.train_files={learnable_text}",
+            *FAST_OVERRIDES,
+            "tokenizer=char",
+            "optimizer.lr=3e-3",
+            "scheduler=constant",
+            "trainer.max_steps=40",
+            "trainer.val_check_interval=20",
+            "trainer.log_every_n_steps=1",
+            "test=false",
+            "callbacks.early_stopping=null",
+            "callbacks.samples=null",
+            "logger=csv",
+        ],
+        run_dir=run_dir,
+    )
     value = train(cfg)
     losses = _train_losses(run_dir)
     assert len(losses) == 40

@@ -38,28 +38,47 @@ class SignalAt(L.Callback):
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step and not self.during_validation:
             self._send()
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self.during_validation and trainer.global_step == self.step and not trainer.sanity_checking:
             self._send()
 
 
 # batch_size 96: 6 batches per epoch; 20 steps cross epoch boundaries; validation every 5 steps over 3 batches
 def _run_base(text: Path, *extra: str) -> list[str]:
-    return _base(text, "data.batch_size=96", "scheduler.warmup_steps=2", "trainer.max_steps=20",
-                 "trainer.val_check_interval=5", "++trainer.limit_val_batches=3", "data.eval_batch_size=16",
-                 *extra)
+    return _base(
+        text,
+        "data.batch_size=96",
+        "scheduler.warmup_steps=2",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=5",
+        "++trainer.limit_val_batches=3",
+        "data.eval_batch_size=16",
+        *extra,
+    )
 
 
 def _signal_at(step: int, signum: str = "SIGTERM", during_validation: bool = False, times: int = 1) -> list[str]:
-    return [f"+callbacks.signal._target_={__name__}.SignalAt", f"+callbacks.signal.step={step}",
-            f"+callbacks.signal.signum={signum}", f"+callbacks.signal.during_validation={during_validation}",
-            f"+callbacks.signal.times={times}"]
+    return [
+        f"+callbacks.signal._target_={__name__}.SignalAt",
+        f"+callbacks.signal.step={step}",
+        f"+callbacks.signal.signum={signum}",
+        f"+callbacks.signal.during_validation={during_validation}",
+        f"+callbacks.signal.times={times}",
+    ]
 
 
 @pytest.fixture
@@ -69,15 +88,24 @@ def straight(make_cfg, learnable_text: Path, tmp_path: Path) -> dict[int, dict[s
     return _logged(tmp_path / "A")
 
 
-@pytest.mark.parametrize(("signum", "step", "during_validation"), [
-    ("SIGTERM", 8, False),  # mid-epoch, between validations
-    ("SIGTERM", 10, True),  # during the validation at step 10 (after its first of 3 batches)
-    ("SIGINT", 13, False),  # Ctrl-C
-    ("SIGINT", 15, True),
-], ids=["sigterm-training", "sigterm-validation", "ctrl-c-training", "ctrl-c-validation"])
+@pytest.mark.parametrize(
+    ("signum", "step", "during_validation"),
+    [
+        ("SIGTERM", 8, False),  # mid-epoch, between validations
+        ("SIGTERM", 10, True),  # during the validation at step 10 (after its first of 3 batches)
+        ("SIGINT", 13, False),  # Ctrl-C
+        ("SIGINT", 15, True),
+    ],
+    ids=["sigterm-training", "sigterm-validation", "ctrl-c-training", "ctrl-c-validation"],
+)
 def test_stop_signal_saves_last_finished_step_and_resume_matches(
-    signum: str, step: int, during_validation: bool, straight: dict[int, dict[str, float]], make_cfg,
-    learnable_text: Path, tmp_path: Path,
+    signum: str,
+    step: int,
+    during_validation: bool,
+    straight: dict[int, dict[str, float]],
+    make_cfg,
+    learnable_text: Path,
+    tmp_path: Path,
 ) -> None:
     with pytest.raises(RunInterrupted) as stopped:
         _train(make_cfg, [*_run_base(learnable_text), *_signal_at(step, signum, during_validation)], tmp_path / "B")
@@ -130,7 +158,10 @@ def _fake_scontrol(folder: Path) -> Path:
 
 
 def test_slurm_requeue_signal_requeues_and_the_job_resumes_its_run(
-    straight: dict[int, dict[str, float]], make_cfg, learnable_text: Path, tmp_path: Path,
+    straight: dict[int, dict[str, float]],
+    make_cfg,
+    learnable_text: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     record = _fake_scontrol(tmp_path / "bin")
@@ -152,12 +183,18 @@ def test_slurm_requeue_signal_requeues_and_the_job_resumes_its_run(
 
 # -- a hard kill loses at most the clock interval ----------------------------------------------------------
 def test_periodic_checkpoint_between_validations_resumes_exactly(
-    straight: dict[int, dict[str, float]], make_cfg, learnable_text: Path, tmp_path: Path,
+    straight: dict[int, dict[str, float]],
+    make_cfg,
+    learnable_text: Path,
+    tmp_path: Path,
 ) -> None:
     # every 0.001 minutes (60 ms): last.ckpt is rewritten between batches; keep the step-13 one
     base = [*_run_base(learnable_text), "callbacks.periodic_checkpoint.every_minutes=0.001"]
-    keep = [f"+callbacks.keep._target_={__name__}.CopyLastAt", "+callbacks.keep.step=13",
-            f"+callbacks.keep.to={tmp_path / 'kept.ckpt'}"]
+    keep = [
+        f"+callbacks.keep._target_={__name__}.CopyLastAt",
+        "+callbacks.keep.step=13",
+        f"+callbacks.keep.to={tmp_path / 'kept.ckpt'}",
+    ]
     _train(make_cfg, [*base, *keep], tmp_path / "B")
     assert not list((tmp_path / "B" / "checkpoints").glob("last-v*.ckpt")), "one last.ckpt, not versions of it"
     kept = torch.load(tmp_path / "kept.ckpt", weights_only=True)
@@ -172,8 +209,9 @@ class CopyLastAt(L.Callback):
     def __init__(self, step: int, to: str) -> None:
         self.step, self.to = step, Path(to)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step - 1:
             time.sleep(0.08)  # past the interval: the periodic save of the next batch start is due
         if trainer.global_step == self.step:
@@ -184,9 +222,20 @@ class CopyLastAt(L.Callback):
 def test_console_train_stopped_by_sigterm_exits_143_and_says_how_to_resume(tmp_path: Path) -> None:
     text = tmp_path / "input.txt"
     text.write_text("the red cat sat on the blue mat.\n" * 600, encoding="utf-8")
-    command = Command([script("lmlab-train"), "data=text_files", f"data.source.train_files={text}",
-                       "trainer.max_steps=100000", "trainer.val_check_interval=20", "model.n_layer=1",
-                       "data.block_size=32", "data.batch_size=8"], tmp_path, "train")
+    command = Command(
+        [
+            script("lmlab-train"),
+            "data=text_files",
+            f"data.source.train_files={text}",
+            "trainer.max_steps=100000",
+            "trainer.val_check_interval=20",
+            "model.n_layer=1",
+            "data.block_size=32",
+            "data.batch_size=8",
+        ],
+        tmp_path,
+        "train",
+    )
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob("logs/train/runs/*/checkpoints/last.ckpt")):
         assert command.proc.poll() is None and time.monotonic() < deadline, "no checkpoint was written"

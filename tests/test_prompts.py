@@ -24,8 +24,18 @@ def char_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("prompts")
     text = root / "code.txt"
     text.write_text(f"{PROMPT}\nthe cat sat on the mat.\n" * 300, encoding="utf-8")
-    train(compose_cfg(root, [*(f"++{o}" for o in FAST), "data=text_files", f"data.source.train_files={text}",
-                             "trainer.max_steps=4", "test=false"]))
+    train(
+        compose_cfg(
+            root,
+            [
+                *(f"++{o}" for o in FAST),
+                "data=text_files",
+                f"data.source.train_files={text}",
+                "trainer.max_steps=4",
+                "test=false",
+            ],
+        )
+    )
     return root / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -43,8 +53,9 @@ def _generate(ckpt: Path, cwd: Path, name: str, *args: str, stdin: str | None = 
 def test_prompt_with_punctuation_quotes_and_non_ascii(char_ckpt: Path, tmp_path: Path, make_cfg) -> None:
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text(PROMPT + "\n", encoding="utf-8")
-    expected = make_cfg([f"ckpt_path={char_ckpt}", f"prompt_file={prompt_file}", "max_new_tokens=5", "seed=0"],
-                        config_name="generate")
+    expected = make_cfg(
+        [f"ckpt_path={char_ckpt}", f"prompt_file={prompt_file}", "max_new_tokens=5", "seed=0"], config_name="generate"
+    )
     continuation = generate_samples(expected)[0]
     # as typed in a shell: "prompt='def f(x): return \'a, b\' \"é\"'"
     quoted = "prompt='" + PROMPT.replace("'", "\\'") + "'"
@@ -60,8 +71,11 @@ def test_prompt_with_punctuation_quotes_and_non_ascii(char_ckpt: Path, tmp_path:
 def test_prompt_and_prompt_file_together_is_an_error(char_ckpt: Path, tmp_path: Path, make_cfg) -> None:
     (tmp_path / "p.txt").write_text("the")
     with pytest.raises(ConfigError, match="prompt or prompt_file, not both"):
-        generate_samples(make_cfg([f"ckpt_path={char_ckpt}", "prompt=the", f"prompt_file={tmp_path / 'p.txt'}"],
-                                  config_name="generate"))
+        generate_samples(
+            make_cfg(
+                [f"ckpt_path={char_ckpt}", "prompt=the", f"prompt_file={tmp_path / 'p.txt'}"], config_name="generate"
+            )
+        )
 
 
 def test_word_level_continuation_keeps_the_space_after_the_prompt(tmp_path: Path) -> None:

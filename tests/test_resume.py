@@ -164,11 +164,23 @@ def test_classification_and_translation_resume_mid_epoch_after_crash(
         small = ["model=bilstm", "model.hidden_size=32", "model.dropout=0.3", "data.batch_size=64"]
         overrides = cls_overrides(labeled_dir, *small)
     else:
-        small = ["model.n_embd=32", "model.n_head=2", "model.encoder_layers=1", "model.decoder_layers=1",
-                 "model.dropout=0.1", "data.max_tokens=2048"]
+        small = [
+            "model.n_embd=32",
+            "model.n_head=2",
+            "model.encoder_layers=1",
+            "model.decoder_layers=1",
+            "model.dropout=0.1",
+            "data.max_tokens=2048",
+        ]
         overrides = mt_overrides(pairs_dir, *small)
-    base = [*overrides, "trainer.max_steps=24", "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
-            "test=false", "logger=csv"]
+    base = [
+        *overrides,
+        "trainer.max_steps=24",
+        "trainer.val_check_interval=6",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+        "logger=csv",
+    ]
     _train(make_cfg, base, tmp_path / "A")
     crash = [f"+callbacks.crash._target_={__name__}.CrashAtStep", "+callbacks.crash.step=14"]
     with pytest.raises(SimulatedCrash):

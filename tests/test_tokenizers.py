@@ -127,8 +127,11 @@ def test_state_round_trip_gives_identical_ids_and_fingerprint(kind: str) -> None
 @pytest.mark.parametrize("kind", ["char", "word", "bpe"])
 def test_fingerprint_changes_when_vocabulary_differs(kind: str) -> None:
     other_text = TEXT + "xyzzy qwerty XYZZY!\n" * 3
-    builders = {"char": train_char, "word": train_word,
-                "bpe": lambda texts: train_bpe(texts, vocab_size=400, min_frequency=2)}
+    builders = {
+        "char": train_char,
+        "word": train_word,
+        "bpe": lambda texts: train_bpe(texts, vocab_size=400, min_frequency=2),
+    }
     a = builders[kind]([TEXT])
     a_again = builders[kind]([TEXT])
     b = builders[kind]([other_text])

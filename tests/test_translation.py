@@ -198,8 +198,12 @@ def test_pretrained_seq2seq_fine_tunes_from_a_local_folder(
     # lmlab-translate puts the prefix first too, and matches in-process decoding
     sentences = ["red cat", "one two three four"]
     (tmp_path / "in.en").write_text("\n".join(sentences) + "\n", encoding="utf-8")
-    lines = translate(make_cfg([f"ckpt_path={record['best_checkpoint']}", f"input={tmp_path / 'in.en'}",
-                                "beam_size=3"], config_name="translate"))
+    lines = translate(
+        make_cfg(
+            [f"ckpt_path={record['best_checkpoint']}", f"input={tmp_path / 'in.en'}", "beam_size=3"],
+            config_name="translate",
+        )
+    )
     assert lines == task.translate(sentences, Decoding(beam_size=3)) == [toy_translation(s) for s in sentences]
     without_prefix = task.decode_texts(*_sources(task, sentences, ""), Decoding())
     with_prefix = task.decode_texts(*_sources(task, sentences, PREFIX), Decoding())
@@ -247,34 +251,63 @@ def test_inverse_sqrt_schedule() -> None:
 
 def test_eval_on_other_data_keeps_the_checkpoints_direction(tmp_path: Path, make_cfg) -> None:
     pairs = write_pair_splits(tmp_path / "pairs")
-    train(compose_cfg(tmp_path, mt_overrides(pairs, *TINY_TRANSFORMER, "trainer.max_steps=6",
-                                             "trainer.val_check_interval=6", "test=false",
-                                             "data.source_lang=de", "data.target_lang=en"), run_dir=tmp_path / "run"))
+    train(
+        compose_cfg(
+            tmp_path,
+            mt_overrides(
+                pairs,
+                *TINY_TRANSFORMER,
+                "trainer.max_steps=6",
+                "trainer.val_check_interval=6",
+                "test=false",
+                "data.source_lang=de",
+                "data.target_lang=en",
+            ),
+            run_dir=tmp_path / "run",
+        )
+    )
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    files = ["data=translation_files", f"data.source.train_files={pairs / 'train.jsonl'}",
-             f"data.source.test_files={pairs / 'test.jsonl'}", "splits=[test]"]
+    files = [
+        "data=translation_files",
+        f"data.source.train_files={pairs / 'train.jsonl'}",
+        f"data.source.test_files={pairs / 'test.jsonl'}",
+        "splits=[test]",
+    ]
     # the data option's own direction is en->de; the checkpoint's de->en wins
     left_out = evaluate(make_cfg([f"ckpt_path={ckpt}", *files], config_name="eval", run_dir=tmp_path / "eval"))
     scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())["data"]
     assert (scored["source_lang"], scored["target_lang"]) == ("de", "en")
     assert scored["source"]["columns"] == {"source": "de", "target": "en"}
-    given = evaluate(make_cfg([f"ckpt_path={ckpt}", *files, "data.source_lang=de", "data.target_lang=en"],
-                              config_name="eval"))
+    given = evaluate(
+        make_cfg([f"ckpt_path={ckpt}", *files, "data.source_lang=de", "data.target_lang=en"], config_name="eval")
+    )
     assert left_out == given
     with pytest.raises(CheckpointMismatchError, match=r"data.source_lang='de'.*data.source_lang='en'"):
-        evaluate(make_cfg([f"ckpt_path={ckpt}", *files, "data.source_lang=en", "data.target_lang=de"],
-                          config_name="eval"))
+        evaluate(
+            make_cfg([f"ckpt_path={ckpt}", *files, "data.source_lang=en", "data.target_lang=de"], config_name="eval")
+        )
     # another test file, named on its own: the checkpoint supplies the columns, the direction and the rest
     other = write_pairs(tmp_path / "other.jsonl", 40, 7)
-    on_its_own = evaluate(make_cfg([f"ckpt_path={ckpt}", f"++data.source.test_files={other}", "splits=[test]"],
-                                   config_name="eval", run_dir=tmp_path / "eval2"))
-    whole = evaluate(make_cfg([f"ckpt_path={ckpt}", *files[:2], f"data.source.test_files={other}", "splits=[test]"],
-                              config_name="eval"))
+    on_its_own = evaluate(
+        make_cfg(
+            [f"ckpt_path={ckpt}", f"++data.source.test_files={other}", "splits=[test]"],
+            config_name="eval",
+            run_dir=tmp_path / "eval2",
+        )
+    )
+    whole = evaluate(
+        make_cfg(
+            [f"ckpt_path={ckpt}", *files[:2], f"data.source.test_files={other}", "splits=[test]"], config_name="eval"
+        )
+    )
     assert on_its_own == whole and on_its_own != left_out
     recorded = json.loads((tmp_path / "eval2" / "metrics.json").read_text())["data"]["source"]["test_files"]
     assert recorded == str(other)
-    cli = Command([script("lmlab-eval"), f"ckpt_path={ckpt}", f"data.source.test_files={other}", "splits=[test]"],
-                  tmp_path, "eval_cli").wait()
+    cli = Command(
+        [script("lmlab-eval"), f"ckpt_path={ckpt}", f"data.source.test_files={other}", "splits=[test]"],
+        tmp_path,
+        "eval_cli",
+    ).wait()
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert f"test/bleu: {on_its_own['test/bleu']:.4f}" in cli.stdout
 
@@ -284,7 +317,12 @@ def test_file_keys_on_top_of_a_hub_data_set_name_the_data_option_to_use() -> Non
 
     from lmlab.evaluate import _check_overlay_source
 
-    trained = {"source": {"_target_": "lmlab.data.tables.HubTable", "path": "bentrevett/multi30k",
-                          "columns": {"source": "de", "target": "en"}}}
+    trained = {
+        "source": {
+            "_target_": "lmlab.data.tables.HubTable",
+            "path": "bentrevett/multi30k",
+            "columns": {"source": "de", "target": "en"},
+        }
+    }
     with pytest.raises(ConfigError, match="data=translation_files"):
         _check_overlay_source(trained, OmegaConf.create({"source": {"test_files": "x.parquet"}}), "m.ckpt")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -122,8 +123,10 @@ class PeriodicCheckpoint(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_save = time.monotonic()
         if self.every_seconds is not None and not self._writer(trainer):
-            rank_zero_warn("callbacks.periodic_checkpoint has nothing to write with: it needs "
-                           "callbacks.model_checkpoint with save_last=true.")
+            rank_zero_warn(
+                "callbacks.periodic_checkpoint has nothing to write with: it needs "
+                "callbacks.model_checkpoint with save_last=true."
+            )
 
     @staticmethod
     def _writer(trainer: L.Trainer) -> ModelCheckpoint | None:
@@ -151,6 +154,48 @@ class PeriodicCheckpoint(L.Callback):
             with _as_saved_between_batches(trainer, validated=self._validated_at == trainer.global_step):
                 writer._save_last_checkpoint(trainer, writer._monitor_candidates(trainer))
             self._last_save = time.monotonic()
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar; a run without an epoch limit reads "Epoch 3", not "Epoch 3/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs not in (None, -1):
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary without its FLOPs column, which reads 0 for every model that was not
+    measured with a sample input."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+        from rich.console import Console
+        from rich.table import Table
+
+        kept = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in kept:
+            table.add_column(name or " ", justify="right" if "Params" in name else "left")
+        for row in zip(*(values for _, values in kept), strict=True):
+            table.add_row(*row)
+        console = Console()
+        console.print(table)
+        console.print(
+            f"[bold]Trainable params[/]: {get_human_readable_count(int(trainable_parameters))}   "
+            f"[bold]Total params[/]: {get_human_readable_count(int(total_parameters))}   "
+            f"[bold]Size[/]: {get_formatted_model_size(model_size)} MB"
+        )
 
 
 class GenerateSamples(L.Callback):

@@ -87,8 +87,9 @@ def verify_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     # the data_info values the task hands to the network's config
     data_info = _get(ckpt, "hyper_parameters.data_info") or {}
     for name in getattr(locate(task), "network_inputs", ()):
-        _verify_node(data_info.get(name) if isinstance(data_info, dict) else None,
-                     f"hyper_parameters.data_info.{name}", path)
+        _verify_node(
+            data_info.get(name) if isinstance(data_info, dict) else None, f"hyper_parameters.data_info.{name}", path
+        )
 
 
 def _get(ckpt: dict[str, Any], key: str) -> Any:
@@ -198,8 +199,9 @@ def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
     for path, ckpt in zip(paths, checkpoints, strict=True):
         shapes = {k: (v.shape, v.dtype) for k, v in ckpt["state_dict"].items()}
         if ckpt["lmlab"]["task"] != last["lmlab"]["task"] or shapes != reference:
-            raise CheckpointMismatchError(f"'{path}' holds another task or network shape than '{paths[-1]}'; "
-                                          "average checkpoints of one run.")
+            raise CheckpointMismatchError(
+                f"'{path}' holds another task or network shape than '{paths[-1]}'; average checkpoints of one run."
+            )
         if ckpt["lmlab"]["tokenizer"] != last["lmlab"]["tokenizer"]:
             raise CheckpointMismatchError(f"'{path}' was trained with another tokenizer than '{paths[-1]}'.")
     averaged = {}

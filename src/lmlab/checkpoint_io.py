@@ -86,8 +86,11 @@ def remove_stale_temporaries(root: str | Path) -> list[Path]:
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     if removed:
-        log.info("Removed %d partial checkpoint file(s) left by killed runs: %s", len(removed),
-                 ", ".join(str(p) for p in removed))
+        log.info(
+            "Removed %d partial checkpoint file(s) left by killed runs: %s",
+            len(removed),
+            ", ".join(str(p) for p in removed),
+        )
     return removed
 
 

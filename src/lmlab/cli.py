@@ -1,5 +1,9 @@
 """Console entry points: Hydra's main, with the errors Hydra reports itself turned into one clear line.
 
+The console scripts start here, and this module imports nothing heavy: ``--help``, ``--cfg``, ``--info``
+and shell completion compose the config without importing torch or Lightning, which the entry point's
+module (``lmlab.train`` and the others) imports only when a run starts.
+
 Hydra prints composition errors with its own wording; for a key that does not exist it suggests adding it
 with ``+``, which is the wrong fix for a typo. Here such errors name the key and the closest valid key, a
 run folder that cannot be written names the folder and the fix, and every error ends the process with
@@ -12,6 +16,7 @@ import contextlib
 import difflib
 import errno
 import functools
+import importlib
 import os
 import re
 import sys
@@ -95,7 +100,7 @@ def explain(err: BaseException) -> str | None:
     if isinstance(err, OverrideParseException):
         reason = str(err).strip().splitlines()[0]
         key, _, value = err.override.partition("=")
-        quoted = f"{key}=\"{value}\"" if "'" in value else f"{key}='{value}'"
+        quoted = f'{key}="{value}"' if "'" in value else f"{key}='{value}'"
         return (
             f"cannot read the override '{err.override}' ({reason}). Quote a value that holds spaces, punctuation "
             f"or non-ASCII characters: {quoted} (typed in a shell, inside a second pair of quotes)."
@@ -132,3 +137,20 @@ def _unknown_key(err: BaseException, cause: OmegaConfBaseException) -> str | Non
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
+
+
+def _console(config_name: str, module: str, overlays: tuple[str, ...] = ()) -> Callable[[], Any]:
+    """The console script of ``module``'s ``run(cfg)``, imported when the run starts."""
+
+    def run(cfg: DictConfig) -> Any:
+        return importlib.import_module(module).run(cfg)
+
+    run.__module__ = module  # Hydra names the job (and its log file) after the task function's module
+    return lmlab_main(config_name, overlays)(run)
+
+
+train = _console("train", "lmlab.train")
+evaluate = _console("eval", "lmlab.evaluate", overlays=("data",))
+generate = _console("generate", "lmlab.generate")
+predict = _console("predict", "lmlab.predict")
+translate = _console("translate", "lmlab.translate")

@@ -208,8 +208,11 @@ def check_devices(cfg: DictConfig) -> None:
     """An accelerator or device that this machine does not have fails at once, not inside Lightning."""
     import torch
 
-    wanted = [(key, str(value)) for key in ("trainer.accelerator", "device")
-              if (value := OmegaConf.select(cfg, key)) is not None]
+    wanted = [
+        (key, str(value))
+        for key in ("trainer.accelerator", "device")
+        if (value := OmegaConf.select(cfg, key)) is not None
+    ]
     for key, value in wanted:
         kind = value.split(":")[0].lower()
         if kind in {"gpu", "cuda"} and not torch.cuda.is_available():
@@ -245,11 +248,48 @@ def _root_dir() -> str:
     return str(Path(os.environ.get("LMLAB_ROOT") or os.getcwd()).expanduser().resolve())
 
 
+#: groups a user sets keys of (paths.root_dir=...) rather than picks an option of
+_KEYS_ONLY_GROUPS = {"hydra", "paths"}
+#: groups whose options are sets of pieces that are options too (callbacks=default holds early_stopping)
+_SETS_OF_PIECES = {"callbacks"}
+
+
+def user_options(config_name: str) -> str:
+    """``group: option, ...`` for each group of ``config_name`` (``train``, ``eval``, ...), listing only the
+    options a user picks: not the pieces the callback sets are made of, nor a ``default`` base that the
+    group's real default builds on (``trainer: default`` under ``trainer: cpu``)."""
+    root = Path(config_dir())
+    defaults = OmegaConf.load(root / f"{config_name}.yaml").get("defaults", [])
+    chosen = {str(k): v for entry in defaults if isinstance(entry, DictConfig) for k, v in entry.items()}
+    lines = []
+    for group in chosen:
+        if group in _KEYS_ONLY_GROUPS:
+            continue
+        options = []
+        for path in sorted((root / group).rglob("*.yaml")):
+            name = path.relative_to(root / group).with_suffix("").as_posix()
+            piece = group in _SETS_OF_PIECES and _top_keys(path) == [name]
+            base = name == "default" and chosen[group] != "default"
+            if not (piece or base):
+                options.append(name)
+        lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def _top_keys(path: Path) -> list[str]:
+    """The top-level keys of a YAML file (plain YAML: no need for OmegaConf here, this runs on --help)."""
+    import yaml
+
+    return list((yaml.safe_load(path.read_text()) or {}).keys())
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("sweep_group"):
         OmegaConf.register_new_resolver("sweep_group", _sweep_group)
     if not OmegaConf.has_resolver("lmlab_root"):
         OmegaConf.register_new_resolver("lmlab_root", _root_dir)
+    if not OmegaConf.has_resolver("lmlab_options"):
+        OmegaConf.register_new_resolver("lmlab_options", user_options)
 
 
 register_resolvers()

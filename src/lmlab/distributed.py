@@ -28,9 +28,13 @@ def _job_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     config_dir = job_dir / (hydra_cfg.output_subdir or ".hydra")
     command = [
-        sys.executable, "-m", "lmlab.train",
-        f"--config-path={config_dir}", "--config-name=config",
-        f"hydra.run.dir={job_dir}", "hydra.output_subdir=null",
+        sys.executable,
+        "-m",
+        "lmlab.train",
+        f"--config-path={config_dir}",
+        "--config-name=config",
+        f"hydra.run.dir={job_dir}",
+        "hydra.output_subdir=null",
         f"hydra.job.name={hydra_cfg.job.name}_rank{local_rank}",
     ]
     return command, hydra_cfg.runtime.cwd

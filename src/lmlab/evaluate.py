@@ -16,10 +16,9 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.checkpoint import check_matches, load_task
-from lmlab.cli import lmlab_main
 from lmlab.config import accepted_keys, check_devices, locate, validate_config
 from lmlab.errors import CheckpointMismatchError, ConfigError
-from lmlab.runtime import instantiate, to_plain, user_errors
+from lmlab.runtime import instantiate, quiet_console, to_plain, user_errors
 from lmlab.tasks.base import TaskModule
 
 log = logging.getLogger("lmlab")
@@ -27,6 +26,7 @@ _STAGES = {"validation", "test"}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    quiet_console()
     validate_config(cfg, schema=None)
     check_devices(cfg)
     unknown = set(cfg.splits) - _STAGES
@@ -51,8 +51,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             print(f"{key}: {metrics[key]:.4f}")
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"ckpt_path": str(cfg.ckpt_path), "splits": list(cfg.splits), "data": to_plain(data_cfg),
-                  "metrics": metrics}
+        record = {
+            "ckpt_path": str(cfg.ckpt_path),
+            "splits": list(cfg.splits),
+            "data": to_plain(data_cfg),
+            "metrics": metrics,
+        }
         (out / "metrics.json").write_text(json.dumps(record, indent=2))
     return metrics
 
@@ -110,14 +114,15 @@ def _data_overrides() -> set[str]:
     if not HydraConfig.initialized():
         return set()
     keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
-    return {k[len("data."):] for k in keys if k.startswith("data.")}
+    return {k[len("data.") :] for k in keys if k.startswith("data.")}
 
 
-@lmlab_main("eval", overlays=("data",))
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     with user_errors():
         evaluate(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from lmlab.cli import evaluate
+
+    evaluate()

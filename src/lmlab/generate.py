@@ -10,7 +10,6 @@ import torch
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import check_matches, load_task
-from lmlab.cli import lmlab_main
 from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import to_plain, user_errors
@@ -38,14 +37,18 @@ def generate_samples(cfg: DictConfig, prompt: str | None = None) -> list[str]:
     if cfg.get("model") is not None:
         check_matches(run_cfg, to_plain(cfg.model), "model", cfg.ckpt_path)
     return task.generate_text(
-        prompt_text(cfg) if prompt is None else prompt, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed,
-        num_samples=cfg.num_samples, stop_at_eos=cfg.stop_at_eos,
+        prompt_text(cfg) if prompt is None else prompt,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k or None,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        num_samples=cfg.num_samples,
+        stop_at_eos=cfg.stop_at_eos,
     )
 
 
-@lmlab_main("generate")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     with user_errors():
         prompt = prompt_text(cfg)
         samples = generate_samples(cfg, prompt)
@@ -56,4 +59,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lmlab.cli import generate
+
+    generate()

@@ -15,7 +15,6 @@ import torch
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_task
-from lmlab.cli import lmlab_main
 from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import user_errors
@@ -54,8 +53,7 @@ def write_jsonl(records: list[dict[str, Any]], out: TextIO) -> None:
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-@lmlab_main("predict")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     with user_errors():
         records = predict(cfg)
     with open_output(cfg.output) as out:
@@ -63,4 +61,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lmlab.cli import predict
+
+    predict()

@@ -66,8 +66,9 @@ class StopSignals:
         if self.received is None:
             self.received = signum
             again = " (Ctrl-C again stops at once, saving nothing)" if signum == signal.SIGINT else ""
-            log.warning("%s: stopping after the current batch and saving interrupted.ckpt%s.",
-                        signal_name(signum), again)
+            log.warning(
+                "%s: stopping after the current batch and saving interrupted.ckpt%s.", signal_name(signum), again
+            )
         if signal.getsignal(signal.SIGTERM) == self._handle:
             raise StopRequested(signum)  # Lightning's loop is not running: no batch to finish
         if signum != signal.SIGTERM:

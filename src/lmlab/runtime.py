@@ -63,16 +63,70 @@ def to_plain(cfg: Any) -> Any:
 
 
 def print_config(cfg: DictConfig, save_to: Path | None = None) -> None:
-    """Show the resolved config as a tree and save it beside the run's outputs."""
-    from rich.console import Console
-    from rich.syntax import Syntax
-    from rich.tree import Tree
+    """Print what a researcher reads at the start of a run (the options chosen and the overrides typed), and
+    save the whole resolved config beside the run's outputs."""
+    from hydra.core.hydra_config import HydraConfig
 
-    tree = Tree("config")
-    for key, value in cfg.items():
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
-        tree.add(str(key)).add(Syntax(text, "yaml"))
-    Console(stderr=False).print(tree)
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)
         save_to.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        choices = hydra_cfg.runtime.choices
+        shown = [f"{group}={choices[group]}" for group in _GROUPS_SHOWN if choices.get(group)]
+        print("options:   " + " ".join(shown))
+        if hydra_cfg.overrides.task:
+            print("overrides: " + " ".join(hydra_cfg.overrides.task))
+    if save_to is not None:
+        print(f"config:    {save_to}")
+
+
+#: the config groups a run's first line names, in the order a reader takes them in
+_GROUPS_SHOWN = (
+    "experiment",
+    "task",
+    "data",
+    "tokenizer",
+    "model",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "hparams_search",
+    "debug",
+)
+
+#: Lightning's start-up messages that tell a researcher nothing about the run
+_NOISE = (
+    "Tip: For seamless cloud logging",
+    "Trainer already configured with model summary callbacks",
+    "was configured so 100% of the batches",
+    "TPU available:",
+    "HPU available:",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in _NOISE)
+
+
+def quiet_console() -> None:
+    """One copy of each Lightning message, without its start-up noise and a deprecation warning from
+    Lightning's own code that no user can act on."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)  # where Lightning's messages are logged
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    if logging.getLogger().handlers:  # Hydra's handlers print and save them: Lightning's own would print a copy
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler:
+                    logger.removeHandler(handler)
+            logger.propagate = True

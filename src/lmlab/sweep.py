@@ -43,8 +43,15 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for rank, run in enumerate(runs, start=1):
         values = run.get("metrics", {})
-        rows.append([rank, " ".join(run.get("overrides", [])), run.get("value"),
-                     *[values.get(k) for k in metric_keys if k != metric], run["run_dir"]])
+        rows.append(
+            [
+                rank,
+                " ".join(run.get("overrides", [])),
+                run.get("value"),
+                *[values.get(k) for k in metric_keys if k != metric],
+                run["run_dir"],
+            ]
+        )
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)

@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 from lmlab.callbacks import InterruptCheckpoint
 from lmlab.checkpoint import check_matches, read_checkpoint
 from lmlab.checkpoint_io import remove_stale_temporaries
-from lmlab.cli import lmlab_main
 from lmlab.config import check_devices, locate, validate_config
 from lmlab.distributed import end_job
 from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, RunInterrupted
@@ -34,7 +33,7 @@ from lmlab.preemption import (
     slurm_job_id,
     slurm_runs,
 )
-from lmlab.runtime import instantiate, instantiate_dict, print_config, to_plain, user_errors
+from lmlab.runtime import instantiate, instantiate_dict, print_config, quiet_console, to_plain, user_errors
 from lmlab.tasks.base import TaskModule
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
@@ -130,8 +129,9 @@ def check_resume(path: str, ckpt: dict[str, Any], cfg: DictConfig, datamodule: A
     """A resumed run must use the checkpoint's model, tokenizer and what the data fixes (e.g. its labels)."""
     extras = ckpt["lmlab"]
     check_matches(extras.get("config") or {}, to_plain(cfg.model), "model", path)
-    check_data_matches(path, locate(extras["task"]), ckpt["hyper_parameters"].get("data_info") or {},
-                       datamodule.data_info)
+    check_data_matches(
+        path, locate(extras["task"]), ckpt["hyper_parameters"].get("data_info") or {}, datamodule.data_info
+    )
     tokenizer: Tokenizer = datamodule.tokenizer
     if extras.get("tokenizer") and tokenizer_from_state(extras["tokenizer"]).fingerprint() != tokenizer.fingerprint():
         raise CheckpointMismatchError(
@@ -157,6 +157,7 @@ def _short(value: Any, limit: int = 120) -> str:
 
 
 def train(cfg: DictConfig) -> float | None:
+    quiet_console()
     validate_config(cfg)
     check_devices(cfg)
     if cfg.seed is not None:
@@ -179,8 +180,9 @@ def train(cfg: DictConfig) -> float | None:
         end_job()
 
 
-def _fit_and_test(cfg: DictConfig, task: TaskModule, datamodule: Any, loggers: list[Any],
-                  ckpt_path: str | None) -> float | None:
+def _fit_and_test(
+    cfg: DictConfig, task: TaskModule, datamodule: Any, loggers: list[Any], ckpt_path: str | None
+) -> float | None:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=loggers or False
     )
@@ -200,7 +202,10 @@ def _fit_and_test(cfg: DictConfig, task: TaskModule, datamodule: Any, loggers: l
         if not datamodule.has_split("test"):
             log.warning("No test split: skipping the test stage.")
         else:
-            trainer.test(task, datamodule=datamodule, ckpt_path=best or (None if cfg.train else ckpt_path))
+            # verbose=False: the results table at the end shows the test metrics once, with the others
+            trainer.test(
+                task, datamodule=datamodule, ckpt_path=best or (None if cfg.train else ckpt_path), verbose=False
+            )
             metrics.update(_floats(trainer.callback_metrics))
 
     value = _optimized_value(cfg, trainer, metrics)
@@ -245,11 +250,20 @@ def _interrupted(cfg: DictConfig, trainer: L.Trainer, stop: StopSignals) -> RunI
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({
-            "status": "interrupted", "signal": signal.Signals(stop.received).name, "step": trainer.global_step,
-            "interrupted_checkpoint": str(saved) if saved else None, "resume_from": str(resume) if resume else None,
-            "metrics": _floats(trainer.callback_metrics), "overrides": _overrides(),
-        }, indent=2))
+        (out / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "status": "interrupted",
+                    "signal": signal.Signals(stop.received).name,
+                    "step": trainer.global_step,
+                    "interrupted_checkpoint": str(saved) if saved else None,
+                    "resume_from": str(resume) if resume else None,
+                    "metrics": _floats(trainer.callback_metrics),
+                    "overrides": _overrides(),
+                },
+                indent=2,
+            )
+        )
     return RunInterrupted(message, exit_code=128 + stop.received)
 
 
@@ -288,8 +302,11 @@ def _optimized_value(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, flo
     if callback is not None and getattr(callback, "monitor", None) == name and callback.best_model_score is not None:
         return float(callback.best_model_score)
     if name not in metrics:
-        log.warning("optimized_metric '%s' was not logged (no validation ran? logged: %s); returning None.",
-                    name, ", ".join(sorted(metrics)) or "nothing")
+        log.warning(
+            "optimized_metric '%s' was not logged (no validation ran? logged: %s); returning None.",
+            name,
+            ", ".join(sorted(metrics)) or "nothing",
+        )
         return None
     return metrics[name]
 
@@ -304,18 +321,27 @@ def _report(cfg: DictConfig, metrics: dict[str, float], value: float | None, bes
     for key in sorted(k for k in metrics if k.startswith(("val/", "test/"))):
         table.add_row(key, f"{metrics[key]:.4f}")
     Console().print(table)
+    out = Path(cfg.paths.output_dir)
+    print(f"run folder: {out}")
     if best:
         print(f"best checkpoint: {best}")
-    out = Path(cfg.paths.output_dir)
+    last = out / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        print(f"last checkpoint: {last}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({
-        "optimized_metric": cfg.get("optimized_metric"),
-        "mode": cfg.task.get("mode", "min"),
-        "value": None if value is None or math.isnan(value) else value,
-        "metrics": metrics,
-        "best_checkpoint": best,
-        "overrides": _overrides(),
-    }, indent=2))
+    (out / "metrics.json").write_text(
+        json.dumps(
+            {
+                "optimized_metric": cfg.get("optimized_metric"),
+                "mode": cfg.task.get("mode", "min"),
+                "value": None if value is None or math.isnan(value) else value,
+                "metrics": metrics,
+                "best_checkpoint": best,
+                "overrides": _overrides(),
+            },
+            indent=2,
+        )
+    )
 
 
 def _overrides() -> list[str]:
@@ -324,11 +350,12 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-@lmlab_main("train")
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     with user_errors():
         return train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from lmlab.cli import train
+
+    train()

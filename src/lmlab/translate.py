@@ -13,7 +13,6 @@ import torch
 from omegaconf import DictConfig
 
 from lmlab.checkpoint import load_task
-from lmlab.cli import lmlab_main
 from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import user_errors
@@ -34,8 +33,7 @@ def translate(cfg: DictConfig) -> list[str]:
     return task.translate(read_input_lines(cfg.input), settings, batch_size=cfg.batch_size)
 
 
-@lmlab_main("translate")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     with user_errors():
         lines = translate(cfg)
     with open_output(cfg.output) as out:
@@ -44,4 +42,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lmlab.cli import translate
+
+    translate()

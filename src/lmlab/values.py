@@ -51,8 +51,11 @@ class Range:
         return None if ok else f"must be {self.describe()}"
 
     def describe(self) -> str:
-        bounds = [f"{op} {_num(v)}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
-                  if v is not None]
+        bounds = [
+            f"{op} {_num(v)}"
+            for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+            if v is not None
+        ]
         text = f"{'an integer' if self.kind is int else 'a number'} {' and '.join(bounds)}".strip()
         if self.also:
             text += f" (or {', '.join(map(repr, self.also))})"
@@ -70,8 +73,12 @@ PROBABILITY = Range(float, ge=0, le=1)
 
 #: ranges per class or function (by its defining module, so aliases and subclasses share them)
 TARGET_RANGES: dict[str, dict[str, Range]] = {
-    "torch.optim.optimizer.Optimizer": {"lr": Range(gt=0), "weight_decay": Range(ge=0), "momentum": Range(ge=0, lt=1),
-                                        "eps": Range(gt=0)},
+    "torch.optim.optimizer.Optimizer": {
+        "lr": Range(gt=0),
+        "weight_decay": Range(ge=0),
+        "momentum": Range(ge=0, lt=1),
+        "eps": Range(gt=0),
+    },
     "lightning.pytorch.trainer.trainer.Trainer": {
         "max_steps": Range(int, ge=1, also=(-1,)),
         "max_epochs": Range(int, ge=1, also=(-1,)),
@@ -87,46 +94,82 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
         "gradient_clip_val": Range(ge=0),
         "num_nodes": POSITIVE_INT,
     },
-    "lmlab.data.base.TaskDataModule": {"batch_size": POSITIVE_INT, "eval_batch_size": POSITIVE_INT,
-                                       "num_workers": COUNT},
+    "lmlab.data.base.TaskDataModule": {
+        "batch_size": POSITIVE_INT,
+        "eval_batch_size": POSITIVE_INT,
+        "num_workers": COUNT,
+    },
     "lmlab.data.lm.LMDataModule": {"block_size": POSITIVE_INT},
     "lmlab.data.classification.ClassificationDataModule": {"max_length": POSITIVE_INT, "bucket_batches": POSITIVE_INT},
     "lmlab.data.translation.TranslationDataModule": {
-        "max_source_length": Range(int, ge=2), "max_target_length": Range(int, ge=2), "max_tokens": POSITIVE_INT,
+        "max_source_length": Range(int, ge=2),
+        "max_target_length": Range(int, ge=2),
+        "max_tokens": POSITIVE_INT,
         "bucket_batches": POSITIVE_INT,
     },
     "lmlab.data.text_sources.TextSource": {"val_fraction": FRACTION, "test_fraction": FRACTION},
     "lmlab.data.tables.TableSource": {"val_fraction": FRACTION, "test_fraction": FRACTION},
     "lmlab.tokenizers.train_bpe": {"vocab_size": Range(int, ge=BPE_MIN_VOCAB), "min_frequency": POSITIVE_INT},
     "lmlab.tokenizers.train_word": {"vocab_size": Range(int, ge=WORD_MIN_VOCAB), "min_frequency": POSITIVE_INT},
-    "lmlab.models.gpt.GPT": {"block_size": POSITIVE_INT, "n_layer": POSITIVE_INT, "n_head": POSITIVE_INT,
-                             "n_embd": POSITIVE_INT, "dropout": FRACTION},
-    "lmlab.models.rnn.RecurrentLM": {"n_embd": POSITIVE_INT, "hidden_size": POSITIVE_INT, "n_layer": POSITIVE_INT,
-                                     "dropout": FRACTION},
-    "lmlab.models.classifiers.RNNClassifier": {"hidden_size": POSITIVE_INT, "n_layer": POSITIVE_INT,
-                                               "dropout": FRACTION},
+    "lmlab.models.gpt.GPT": {
+        "block_size": POSITIVE_INT,
+        "n_layer": POSITIVE_INT,
+        "n_head": POSITIVE_INT,
+        "n_embd": POSITIVE_INT,
+        "dropout": FRACTION,
+    },
+    "lmlab.models.rnn.RecurrentLM": {
+        "n_embd": POSITIVE_INT,
+        "hidden_size": POSITIVE_INT,
+        "n_layer": POSITIVE_INT,
+        "dropout": FRACTION,
+    },
+    "lmlab.models.classifiers.RNNClassifier": {
+        "hidden_size": POSITIVE_INT,
+        "n_layer": POSITIVE_INT,
+        "dropout": FRACTION,
+    },
     "lmlab.models.classifiers.TextCNN": {"n_filters": POSITIVE_INT, "dropout": FRACTION},
-    "lmlab.models.classifiers.TransformerClassifier": {"n_layer": POSITIVE_INT, "n_head": POSITIVE_INT,
-                                                       "n_embd": POSITIVE_INT, "dropout": FRACTION},
+    "lmlab.models.classifiers.TransformerClassifier": {
+        "n_layer": POSITIVE_INT,
+        "n_head": POSITIVE_INT,
+        "n_embd": POSITIVE_INT,
+        "dropout": FRACTION,
+    },
     "lmlab.models.classifiers.BagOfNGrams": {"ngrams": POSITIVE_INT, "buckets": POSITIVE_INT, "dropout": FRACTION},
     "lmlab.models.classifiers.HFEncoderClassifier": {"dropout": FRACTION},
-    "lmlab.models.seq2seq.RecurrentSeq2Seq": {"embedding_dim": POSITIVE_INT, "hidden_size": POSITIVE_INT,
-                                              "encoder_layers": POSITIVE_INT, "decoder_layers": POSITIVE_INT,
-                                              "dropout": FRACTION},
-    "lmlab.models.seq2seq.TransformerSeq2Seq": {"n_embd": POSITIVE_INT, "n_head": POSITIVE_INT,
-                                                "encoder_layers": POSITIVE_INT, "decoder_layers": POSITIVE_INT,
-                                                "dropout": FRACTION, "max_positions": POSITIVE_INT},
+    "lmlab.models.seq2seq.RecurrentSeq2Seq": {
+        "embedding_dim": POSITIVE_INT,
+        "hidden_size": POSITIVE_INT,
+        "encoder_layers": POSITIVE_INT,
+        "decoder_layers": POSITIVE_INT,
+        "dropout": FRACTION,
+    },
+    "lmlab.models.seq2seq.TransformerSeq2Seq": {
+        "n_embd": POSITIVE_INT,
+        "n_head": POSITIVE_INT,
+        "encoder_layers": POSITIVE_INT,
+        "decoder_layers": POSITIVE_INT,
+        "dropout": FRACTION,
+        "max_positions": POSITIVE_INT,
+    },
     "lmlab.schedulers.warmup_decay": {"warmup_steps": COUNT, "min_lr_ratio": PROBABILITY, "decay_steps": POSITIVE_INT},
     "lmlab.schedulers.plateau": {"factor": Range(gt=0, lt=1), "patience": COUNT, "min_lr": Range(ge=0)},
     "lmlab.tasks.base.TaskModule": {"finite_check_every_n_steps": COUNT},
     "lmlab.tasks.classification.ClassificationTask": {"label_smoothing": FRACTION},
     "lmlab.tasks.translation.TranslationTask": {"label_smoothing": FRACTION, "decode_every_n_epochs": COUNT},
-    "lmlab.callbacks.GenerateSamples": {"max_new_tokens": POSITIVE_INT, "temperature": Range(ge=0),
-                                        "top_k": COUNT, "top_p": Range(gt=0, le=1)},
+    "lmlab.callbacks.GenerateSamples": {
+        "max_new_tokens": POSITIVE_INT,
+        "temperature": Range(ge=0),
+        "top_k": COUNT,
+        "top_p": Range(gt=0, le=1),
+    },
     "lmlab.callbacks.PeriodicCheckpoint": {"every_minutes": Range(gt=0), "check_every_n_steps": POSITIVE_INT},
     "lightning.pytorch.callbacks.early_stopping.EarlyStopping": {"patience": COUNT, "min_delta": Range(ge=0)},
-    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint": {"save_top_k": Range(int, ge=-1),
-                                                                     "every_n_train_steps": COUNT},
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint": {
+        "save_top_k": Range(int, ge=-1),
+        "every_n_train_steps": COUNT,
+    },
 }
 
 #: ranges of the entry points' own top-level keys (lmlab-generate, -predict, -translate, -eval)
@@ -227,8 +270,11 @@ def _describe(hint: Any) -> str:
         elif option is type(None):
             names.append("null")
         else:
-            names.append({int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-                option, getattr(option, "__name__", str(option))))
+            names.append(
+                {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+                    option, getattr(option, "__name__", str(option))
+                )
+            )
     if literals:
         names.insert(0, "one of " + ", ".join(dict.fromkeys(literals)))
     return " or ".join(dict.fromkeys(names))

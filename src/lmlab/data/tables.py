@@ -40,14 +40,17 @@ class SplitTable:
 class TableSource:
     """Base class: subclasses implement :meth:`load_splits` and :meth:`fingerprint`."""
 
-    def __init__(self, columns: Mapping[str, str], val_fraction: float, split_seed: int,
-                 test_fraction: float = 0.0) -> None:
+    def __init__(
+        self, columns: Mapping[str, str], val_fraction: float, split_seed: int, test_fraction: float = 0.0
+    ) -> None:
         for key, share in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 <= share < 1:
                 raise DataError(f"data.source.{key} must be in [0, 1), got {share}.")
         if val_fraction + test_fraction >= 1:
-            raise DataError(f"data.source.val_fraction + test_fraction must leave training rows, got "
-                            f"{val_fraction} + {test_fraction}.")
+            raise DataError(
+                f"data.source.val_fraction + test_fraction must leave training rows, got "
+                f"{val_fraction} + {test_fraction}."
+            )
         self.columns = dict(columns)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
 
@@ -65,8 +68,11 @@ class TableSource:
                 "The data has no training split. Give training files (data.source.train_files) "
                 "or map a hub split to train (data.source.splits.train)."
             )
-        wanted = {split: share for split, share in (("validation", self.val_fraction), ("test", self.test_fraction))
-                  if split not in splits and share > 0}
+        wanted = {
+            split: share
+            for split, share in (("validation", self.val_fraction), ("test", self.test_fraction))
+            if split not in splits and share > 0
+        }
         if wanted:
             splits.update(self._draw(splits["train"], wanted))
         return splits
@@ -84,9 +90,10 @@ class TableSource:
                     f"data.source.{key}={share} of {n} training rows leaves no {split} or no training rows; "
                     f"change it or give {split} files."
                 )
-            chosen = np.sort(order[start:start + count])
-            out[split] = train.take(chosen.tolist(), f"a random {share:.0%} of {train.origin} "
-                                                    f"(data.source.split_seed={self.split_seed})")
+            chosen = np.sort(order[start : start + count])
+            out[split] = train.take(
+                chosen.tolist(), f"a random {share:.0%} of {train.origin} (data.source.split_seed={self.split_seed})"
+            )
             start += count
         out["train"] = train.take(np.sort(order[start:]).tolist(), f"the rest of {train.origin}")
         return out
@@ -117,8 +124,12 @@ class TableSource:
         return [row[key] for row in rows]
 
     def _base_fingerprint(self) -> dict[str, Any]:
-        return {"columns": self.columns, "val": self.val_fraction, "split_seed": self.split_seed,
-                **({"test": self.test_fraction} if self.test_fraction else {})}
+        return {
+            "columns": self.columns,
+            "val": self.val_fraction,
+            "split_seed": self.split_seed,
+            **({"test": self.test_fraction} if self.test_fraction else {}),
+        }
 
 
 def _role_hint(role: str) -> str:

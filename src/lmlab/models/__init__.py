@@ -9,5 +9,12 @@ from lmlab.models.classifiers import BagOfNGrams, HFEncoderClassifier, RNNClassi
 from lmlab.models.gpt import GPT
 from lmlab.models.rnn import RecurrentLM
 
-__all__ = ["GPT", "BagOfNGrams", "HFEncoderClassifier", "RNNClassifier", "RecurrentLM", "TextCNN",
-           "TransformerClassifier"]
+__all__ = [
+    "GPT",
+    "BagOfNGrams",
+    "HFEncoderClassifier",
+    "RNNClassifier",
+    "RecurrentLM",
+    "TextCNN",
+    "TransformerClassifier",
+]

@@ -45,15 +45,26 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 class RNNClassifier(nn.Module):
     """Embedding -> (bidirectional) LSTM/GRU over packed sequences -> max, mean or last-state pooling -> linear."""
 
-    def __init__(self, vocab_size: int, num_classes: int, pad_id: int, cell: str = "lstm",
-                 embedding: Mapping[str, Any] | None = None, hidden_size: int = 256, n_layer: int = 1,
-                 bidirectional: bool = True, pooling: str = "max", dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        pad_id: int,
+        cell: str = "lstm",
+        embedding: Mapping[str, Any] | None = None,
+        hidden_size: int = 256,
+        n_layer: int = 1,
+        bidirectional: bool = True,
+        pooling: str = "max",
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
         self.pooling = _choice("model.pooling", pooling, ("max", "mean", "last"))
         self.embedding = make_embedding(vocab_size, pad_id, **embedding_settings(embedding))
         self.drop = nn.Dropout(dropout)
-        self.encoder = RecurrentEncoder(self.embedding.embedding_dim, hidden_size, n_layer, cell, bidirectional,
-                                        dropout)
+        self.encoder = RecurrentEncoder(
+            self.embedding.embedding_dim, hidden_size, n_layer, cell, bidirectional, dropout
+        )
         self.head = nn.Linear(self.encoder.output_size, num_classes)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -70,9 +81,16 @@ class RNNClassifier(nn.Module):
 class TextCNN(nn.Module):
     """Kim (2014): convolutions of several widths over word embeddings, max over time, linear."""
 
-    def __init__(self, vocab_size: int, num_classes: int, pad_id: int, embedding: Mapping[str, Any] | None = None,
-                 kernel_sizes: list[int] | tuple[int, ...] = (3, 4, 5), n_filters: int = 100,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        pad_id: int,
+        embedding: Mapping[str, Any] | None = None,
+        kernel_sizes: list[int] | tuple[int, ...] = (3, 4, 5),
+        n_filters: int = 100,
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
         if not kernel_sizes or min(kernel_sizes) < 1:
             raise ConfigError(f"model.kernel_sizes must be positive widths, got {list(kernel_sizes)}.")
@@ -107,9 +125,20 @@ class TransformerClassifier(nn.Module):
     tokenizer works; it takes one position, so learned positions have ``max_length + 1`` slots.
     """
 
-    def __init__(self, vocab_size: int, num_classes: int, pad_id: int, max_length: int, n_layer: int = 2,
-                 n_head: int = 4, n_embd: int = 128, positions: str = "learned", pooling: str = "cls",
-                 dropout: float = 0.1, bias: bool = True) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        pad_id: int,
+        max_length: int,
+        n_layer: int = 2,
+        n_head: int = 4,
+        n_embd: int = 128,
+        positions: str = "learned",
+        pooling: str = "cls",
+        dropout: float = 0.1,
+        bias: bool = True,
+    ) -> None:
         super().__init__()
         if n_embd % n_head:
             raise ConfigError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head}).")
@@ -159,8 +188,16 @@ class BagOfNGrams(nn.Module):
 
     BASE, MODULUS = 1_000_003, 2**31 - 1  # the polynomial hash stays far inside int64
 
-    def __init__(self, vocab_size: int, num_classes: int, pad_id: int, embedding: Mapping[str, Any] | None = None,
-                 ngrams: int = 2, buckets: int = 200_000, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        pad_id: int,
+        embedding: Mapping[str, Any] | None = None,
+        ngrams: int = 2,
+        buckets: int = 200_000,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if ngrams < 1:
             raise ConfigError(f"model.ngrams must be at least 1 (1 = bag of words), got {ngrams}.")
@@ -202,8 +239,15 @@ class HFEncoderClassifier(nn.Module):
     """A pretrained Hugging Face encoder (hub name or local folder), pooled, with a new linear head.
     ``hf_config`` is set by lmlab checkpoints (see :mod:`lmlab.models.pretrained`)."""
 
-    def __init__(self, num_classes: int, name_or_path: str, pooling: str = "cls", dropout: float = 0.1,
-                 freeze_encoder: bool = False, hf_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        name_or_path: str,
+        pooling: str = "cls",
+        dropout: float = 0.1,
+        freeze_encoder: bool = False,
+        hf_config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.pooling = _choice("model.pooling", pooling, ("cls", "mean"))
         self.encoder = load_pretrained_model("AutoModel", name_or_path, "hf_encoder", hf_config)

@@ -22,12 +22,16 @@ def embedding_settings(config: Mapping[str, Any] | None, default_dim: int = 128)
     unknown = sorted(set(config) - set(SETTINGS))
     if unknown:
         raise ConfigError(f"Unknown key model.embedding.{unknown[0]}; valid keys: {', '.join(SETTINGS)}.")
-    return {"dim": int(config.get("dim", default_dim)), "pretrained_path": config.get("pretrained_path"),
-            "freeze": bool(config.get("freeze", False))}
+    return {
+        "dim": int(config.get("dim", default_dim)),
+        "pretrained_path": config.get("pretrained_path"),
+        "freeze": bool(config.get("freeze", False)),
+    }
 
 
-def make_embedding(vocab_size: int, pad_id: int, dim: int, pretrained_path: str | None = None,
-                   freeze: bool = False) -> nn.Embedding:
+def make_embedding(
+    vocab_size: int, pad_id: int, dim: int, pretrained_path: str | None = None, freeze: bool = False
+) -> nn.Embedding:
     """The token embedding. Frozen only when it starts from pretrained vectors: freezing a random table
     would leave the model nothing to learn words with. The task copies the vectors in."""
     embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
@@ -95,15 +99,19 @@ def _header_dim(line: str, path: Path, dim: int) -> bool:
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
         return False
     if int(parts[1]) != dim:
-        raise DataError(f"{KEY}: '{path}' holds {parts[1]}-dimensional vectors, but the model's embedding has "
-                        f"{dim}. Set model.embedding.dim={parts[1]}.")
+        raise DataError(
+            f"{KEY}: '{path}' holds {parts[1]}-dimensional vectors, but the model's embedding has "
+            f"{dim}. Set model.embedding.dim={parts[1]}."
+        )
     return True
 
 
 def _check_width(values: list[str], path: Path, number: int, dim: int) -> None:
     if len(values) != dim:
-        raise DataError(f"{KEY}: '{path}' line {number} has a {len(values)}-dimensional vector, but the model's "
-                        f"embedding has {dim}. Set model.embedding.dim={len(values)}.")
+        raise DataError(
+            f"{KEY}: '{path}' line {number} has a {len(values)}-dimensional vector, but the model's "
+            f"embedding has {dim}. Set model.embedding.dim={len(values)}."
+        )
     _floats(values, path, number)
 
 

@@ -16,13 +16,26 @@ State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 class RecurrentEncoder(nn.Module):
     """A stacked, optionally bidirectional LSTM or GRU over packed sequences."""
 
-    def __init__(self, input_size: int, hidden_size: int, n_layer: int = 1, cell: str = "lstm",
-                 bidirectional: bool = True, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        n_layer: int = 1,
+        cell: str = "lstm",
+        bidirectional: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if cell not in CELLS:
             raise ConfigError(f"model.cell must be one of {', '.join(CELLS)}, got '{cell}'.")
-        self.rnn = CELLS[cell](input_size, hidden_size, num_layers=n_layer, bidirectional=bidirectional,
-                               batch_first=True, dropout=dropout if n_layer > 1 else 0.0)
+        self.rnn = CELLS[cell](
+            input_size,
+            hidden_size,
+            num_layers=n_layer,
+            bidirectional=bidirectional,
+            batch_first=True,
+            dropout=dropout if n_layer > 1 else 0.0,
+        )
         self.directions = 2 if bidirectional else 1
         self.output_size = hidden_size * self.directions
 

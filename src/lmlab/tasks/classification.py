@@ -69,8 +69,9 @@ class ClassificationTask(TaskModule):
         return self._forward(ids, lengths)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, weight=self.class_weight,
-                               label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(
+            logits.float(), labels, weight=self.class_weight, label_smoothing=self.hparams.label_smoothing
+        )
 
     # -- pretrained word vectors ------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -91,8 +92,13 @@ class ClassificationTask(TaskModule):
             rows = found.nonzero().squeeze(1)
             embedding.weight[rows] = vectors[rows].to(embedding.weight)
         n_found = int(found.sum())
-        log.info("Pretrained word vectors: found %d of %d vocabulary words (%.1f%%) in %s.",
-                 n_found, len(vocabulary), 100 * n_found / max(len(vocabulary), 1), path)
+        log.info(
+            "Pretrained word vectors: found %d of %d vocabulary words (%.1f%%) in %s.",
+            n_found,
+            len(vocabulary),
+            100 * n_found / max(len(vocabulary), 1),
+            path,
+        )
         self.word_vectors_found = n_found
 
     # -- steps --------------------------------------------------------------------------------
@@ -101,8 +107,13 @@ class ClassificationTask(TaskModule):
         loss = self._loss(logits, batch.labels)
         self.check_finite(loss)
         accuracy = multiclass_accuracy(logits.detach(), batch.labels, len(self.labels), average="micro")
-        self.log_dict({"train/loss": loss, "train/acc": accuracy}, on_step=True, on_epoch=False, prog_bar=True,
-                      batch_size=len(batch.labels))
+        self.log_dict(
+            {"train/loss": loss, "train/acc": accuracy},
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+            batch_size=len(batch.labels),
+        )
         return loss
 
     def _eval_step(self, batch: TextBatch, stage: str) -> None:
@@ -145,8 +156,9 @@ class ClassificationTask(TaskModule):
         encoded, _ = self.tokenizer.encode_batch(texts, info["max_length"], info["add_special_tokens"])
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
-            raise TokenizerError(f"{len(empty)} text(s) encode to no tokens (first at position {empty[0]}); "
-                                 "leave out empty texts.")
+            raise TokenizerError(
+                f"{len(empty)} text(s) encode to no tokens (first at position {empty[0]}); leave out empty texts."
+            )
         device = next(self.net.parameters()).device
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         probs = torch.empty(len(encoded), len(self.labels))
@@ -165,11 +177,13 @@ class ClassificationTask(TaskModule):
 def _scores(num_classes: int) -> nn.ModuleDict:
     """Accuracy, macro F1 and AUROC (binary on the positive class's probability, else macro one-vs-rest)."""
     auroc: Metric = BinaryAUROC() if num_classes == 2 else MulticlassAUROC(num_classes, average="macro")
-    return nn.ModuleDict({
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-        "auroc": auroc,
-    })
+    return nn.ModuleDict(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "auroc": auroc,
+        }
+    )
 
 
 def _class_weights(
@@ -184,10 +198,13 @@ def _class_weights(
         counts_t = torch.tensor(counts, dtype=torch.float).clamp(min=1)
         return counts_t.sum() / (num_classes * counts_t)
     if isinstance(spec, str):
-        raise ConfigError(f"task.module.class_weights must be null, 'balanced' or a list of {num_classes} numbers, "
-                          f"got '{spec}'.")
+        raise ConfigError(
+            f"task.module.class_weights must be null, 'balanced' or a list of {num_classes} numbers, got '{spec}'."
+        )
     weights = torch.tensor(list(spec), dtype=torch.float)
     if weights.numel() != num_classes or bool((weights < 0).any()):
-        raise ConfigError(f"task.module.class_weights has {weights.numel()} value(s); give {num_classes} "
-                          "non-negative numbers, one per label in the label order.")
+        raise ConfigError(
+            f"task.module.class_weights has {weights.numel()} value(s); give {num_classes} "
+            "non-negative numbers, one per label in the label order."
+        )
     return weights

@@ -93,9 +93,17 @@ class LanguageModelingTask(TaskModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            out = generate(self.net, idx, max_new_tokens, temperature, top_k, top_p, generator,
-                           eos_id=self.tokenizer.eos_id if stop_at_eos else None,
-                           suppress_ids=self._never_sampled())
+            out = generate(
+                self.net,
+                idx,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+                eos_id=self.tokenizer.eos_id if stop_at_eos else None,
+                suppress_ids=self._never_sampled(),
+            )
         finally:
             self.net.train(was_training)
         return [self._continuation(ids, row.tolist()) for row in out]
@@ -106,8 +114,8 @@ class LanguageModelingTask(TaskModule):
         assert self.tokenizer is not None
         whole, prompt = self.tokenizer.decode(ids), self.tokenizer.decode(prompt_ids)
         if whole.startswith(prompt):
-            return whole[len(prompt):]
-        return self.tokenizer.decode(ids[len(prompt_ids):])
+            return whole[len(prompt) :]
+        return self.tokenizer.decode(ids[len(prompt_ids) :])
 
     def _never_sampled(self) -> list[int]:
         """The character vocabulary's unknown symbol: by construction absent from the training text."""

@@ -64,8 +64,14 @@ class TranslationTask(TaskModule):
 
     network_inputs = ("src_vocab_size", "tgt_vocab_size", "src_pad_id", "tgt_pad_id", "eos_id", "shared_vocabulary")
     data_module = "lmlab.data.translation.TranslationDataModule"
-    checkpoint_data_keys = ("source_lang", "target_lang", "source_prefix", "joint_vocabulary", "max_source_length",
-                            "max_target_length")
+    checkpoint_data_keys = (
+        "source_lang",
+        "target_lang",
+        "source_prefix",
+        "joint_vocabulary",
+        "max_source_length",
+        "max_target_length",
+    )
     fixed_by_checkpoint = ("source_lang", "target_lang")
 
     def __init__(
