@@ -1,0 +1,110 @@
+"""The private parts of Lightning, Hydra's launcher support and sacrebleu that lmlab relies on, one test per
+use, so an upgrade past the pinned minor versions (pyproject.toml) fails here, loudly, with the name of what
+moved, rather than somewhere deep in a run."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+import pytest
+import sacrebleu
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import subprocess_script
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from sacrebleu.metrics import BLEU, CHRF
+
+
+def _tiny_fit(tmp_path, callbacks=(), max_steps: int = 2) -> L.Trainer:
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+    )
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2))
+    return trainer
+
+
+def test_loop_progress_counters(tmp_path) -> None:
+    # callbacks._as_saved_between_batches / _as_saved_before_validation rewrite these before a save
+    trainer = _tiny_fit(tmp_path)
+    loop = trainer.fit_loop.epoch_loop
+    for tracker in (loop.batch_progress.total, loop.batch_progress.current, loop.val_loop.batch_progress.total):
+        assert {"ready", "started", "processed", "completed"} <= set(vars(tracker))
+    assert loop._batches_that_stepped == 2
+    assert hasattr(loop.batch_progress, "is_last_batch") and callable(loop.batch_progress.current.reset)
+    epochs = trainer.fit_loop.epoch_progress.current
+    assert epochs.ready >= epochs.completed
+
+
+def test_model_checkpoint_internals() -> None:
+    # callbacks.ModelCheckpoint defers step saves to validation; PeriodicCheckpoint writes last.ckpt through it
+    checkpoint = ModelCheckpoint(monitor="val/loss", every_n_train_steps=3)
+    for name in (
+        "_should_skip_saving_checkpoint",
+        "_should_save_on_train_epoch_end",
+        "_save_last_checkpoint",
+        "_monitor_candidates",
+    ):
+        assert callable(getattr(checkpoint, name)), name
+    for name in (
+        "_every_n_train_steps",
+        "_train_time_interval",
+        "_last_time_checked",
+        "_defer_save_until_validation",
+        "_last_global_step_saved",
+    ):
+        assert hasattr(checkpoint, name), name
+    assert checkpoint._every_n_train_steps == 3
+    source = inspect.getsource(ModelCheckpoint.on_validation_end)
+    assert "_defer_save_until_validation" in source, "validation end no longer performs a deferred save"
+
+
+def test_rich_progress_bar_train_description() -> None:
+    # callbacks.ProgressBar replaces the "Epoch 3/-2" description
+    assert "current_epoch" in inspect.signature(RichProgressBar._get_train_description).parameters
+    assert hasattr(RichProgressBar(), "validation_description")
+
+
+def test_subprocess_launcher_hooks() -> None:
+    # distributed.HydraDDPStrategy starts DDP workers on the Hydra job's own config
+    assert callable(subprocess_script._hydra_subprocess_cmd)
+    assert callable(_SubprocessScriptLauncher._call_children_scripts)
+    assert callable(DDPStrategy._configure_launcher)
+    assert "procs" in inspect.getsource(_SubprocessScriptLauncher)
+
+
+def test_sigterm_stops_at_batch_ends() -> None:
+    # preemption: Lightning's SIGTERM flag is what stops the loops; received_sigterm is how a run knows
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    assert issubclass(SIGTERMException, SystemExit)
+    assert isinstance(L.Trainer.received_sigterm, property)
+
+
+@pytest.mark.parametrize("metric", [BLEU(), CHRF()], ids=["bleu", "chrf"])
+def test_sacrebleu_statistics_functions(metric) -> None:
+    # metrics.CorpusScore sums sufficient statistics across batches and processes, then scores them
+    stats = metric._extract_corpus_statistics(["the cat sat"], [["the cat sat"]])
+    summed = [sum(column) for column in zip(*stats, strict=True)]
+    assert metric._compute_score_from_stats(summed).score == pytest.approx(
+        metric.corpus_score(["the cat sat"], [["the cat sat"]]).score
+    )
+    assert sacrebleu.__version__.startswith("2.")
