@@ -272,14 +272,7 @@ def trial_crafted(work: Path, legit: Path) -> dict[str, Any]:
             "lmlab-predict": command("lmlab-predict", f"ckpt_path={path}", f"input={text}"),
             "lmlab-translate": command("lmlab-translate", f"ckpt_path={path}", f"input={text}"),
             "lmlab-train (resume)": command("lmlab-train", f"ckpt_path={path}", "trainer.max_steps=2"),
-            "average_checkpoints.py": [
-                sys.executable,
-                str(REPO / "scripts" / "average_checkpoints.py"),
-                str(path),
-                str(path),
-                "--out",
-                str(folder / "averaged.ckpt"),
-            ],
+            "lmlab-average": command("lmlab-average", str(path), str(path), "--out", str(folder / "averaged.ckpt")),
         }
         procs = {entry: start(args, folder / entry.split()[0]) for entry, args in entry_points.items()}
         for entry, proc in procs.items():

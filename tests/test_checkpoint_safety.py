@@ -334,8 +334,7 @@ def test_console_scripts_refuse_a_crafted_checkpoint_in_one_line(legit: dict[str
         "predict": [script("lmlab-predict"), ckpt_arg, f"input={data_path}"],
         "translate": [script("lmlab-translate"), ckpt_arg, f"input={data_path}"],
         "average": [
-            sys.executable,
-            str(REPO / "scripts" / "average_checkpoints.py"),
+            script("lmlab-average"),
             str(path),
             str(path),
             "--out",
@@ -357,8 +356,7 @@ def test_averaging_legitimate_checkpoints_still_works(legit: dict[str, Any], tmp
     out = tmp_path / "averaged.ckpt"
     done = subprocess.run(
         [
-            sys.executable,
-            str(REPO / "scripts" / "average_checkpoints.py"),
+            script("lmlab-average"),
             str(legit["path"]),
             str(legit["path"]),
             "--out",

@@ -11,17 +11,22 @@ loggers, optimizer) is kept as inert data and never built from a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import pickle
+from collections.abc import Iterator, Set
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmlab import registry
+from lmlab import language_model, registry
 from lmlab.config import accepted_keys, locate
 from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, UnsafeCheckpointError
-from lmlab.tasks.base import TaskModule
+from lmlab.language_model import LanguageModel
+
+if TYPE_CHECKING:
+    from lmlab.tasks.base import TaskModule
 
 #: the configs loading builds from, and the kind of object the ``_target_`` at their top must be (nested
 #: targets: any registered kind)
@@ -32,6 +37,10 @@ BUILT_FROM = {
     "lmlab.config.data.source": "source",
     "lmlab.config.tokenizer": "tokenizer",
 }
+#: lmlab's own registered classes that a language model's checkpoint names, by dotted path, and the kind each is
+#: registered as: their modules import Lightning (seconds), so they are known allowed by name and reading such a
+#: checkpoint (lmlab-generate) imports neither them nor Lightning
+REGISTERED_BY_NAME = {language_model.TASK: "task", language_model.DATA_MODULE: "data"}
 #: a Hugging Face config key that points transformers at custom model code
 _REMOTE_CODE_KEY = "auto_map"
 
@@ -78,18 +87,32 @@ def verify_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     """Refuse a checkpoint whose task, network, data or tokenizer config names anything outside the
     allow-list (nested ``_target_``s, ``_args_`` lists and ``_partial_`` nodes alike), holds an
     interpolation, or points transformers at custom code."""
-    extras = ckpt["lmlab"]
-    task = extras.get("task")
-    if not registry.is_allowed(task, "task"):
-        raise _refused(path, "lmlab.task", task, "task")
+    network_inputs = _network_inputs(ckpt["lmlab"].get("task"), path)
     for key in ("hyper_parameters.model", "lmlab.config.model", "lmlab.config.data", "lmlab.config.tokenizer"):
         _verify_node(_get(ckpt, key), key, path)
     # the data_info values the task hands to the network's config
     data_info = _get(ckpt, "hyper_parameters.data_info") or {}
-    for name in getattr(locate(task), "network_inputs", ()):
+    for name in network_inputs:
         _verify_node(
             data_info.get(name) if isinstance(data_info, dict) else None, f"hyper_parameters.data_info.{name}", path
         )
+
+
+def _network_inputs(task: Any, path: str | Path) -> tuple[str, ...]:
+    """The ``data_info`` keys the checkpoint's task builds its network from; a task off the allow-list is refused."""
+    if not _is_allowed(task, "task"):
+        raise _refused(path, "lmlab.task", task, "task")
+    if task == language_model.TASK:
+        return language_model.NETWORK_INPUTS
+    return getattr(locate(task), "network_inputs", ())
+
+
+def _is_allowed(target: Any, kind: str | None) -> bool:
+    """:func:`registry.is_allowed`, answered without importing anything for :data:`REGISTERED_BY_NAME`."""
+    known = REGISTERED_BY_NAME.get(target) if isinstance(target, str) else None
+    if known is not None and kind in (None, known):
+        return True
+    return registry.is_allowed(target, kind)
 
 
 def _get(ckpt: dict[str, Any], key: str) -> Any:
@@ -113,7 +136,7 @@ def _verify_node(node: Any, key: str, path: str | Path) -> None:
         return
     if not isinstance(node, dict):
         return
-    if "_target_" in node and not registry.is_allowed(node["_target_"], BUILT_FROM.get(key)):
+    if "_target_" in node and not _is_allowed(node["_target_"], BUILT_FROM.get(key)):
         raise _refused(path, f"{key}._target_", node["_target_"], BUILT_FROM.get(key))
     if _REMOTE_CODE_KEY in node:
         raise UnsafeCheckpointError(
@@ -134,29 +157,64 @@ def _refused(path: str | Path, key: str, target: Any, kind: str | None) -> Unsaf
 
 def load_task(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[TaskModule, dict[str, Any]]:
     """Rebuild the task, network, tokenizer and weights from a checkpoint; returns it and the run config."""
+    return _build_task(read_checkpoint(path), path, map_location)
+
+
+def load_language_model(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[LanguageModel | TaskModule, dict[str, Any]]:
+    """What text is sampled from, and the run config: the network and tokenizer of a language-model task's
+    checkpoint as a :class:`LanguageModel`, built without the task (or Lightning); for another task, the task
+    as :func:`load_task` rebuilds it, which can generate text only if it has ``generate_text``."""
     ckpt = read_checkpoint(path)
     extras = ckpt["lmlab"]
+    if extras["task"] != language_model.TASK:
+        return _build_task(ckpt, path, map_location)
+    name = language_model.TASK.rpartition(".")[2]
+    hyper = _hyperparameters(ckpt, path, name, language_model.TASK_KEYWORDS)
+    with _rebuilding(path, name):
+        model = LanguageModel.from_task_state(hyper, extras.get("tokenizer"), ckpt["state_dict"])
+    return model.to(map_location), extras.get("config") or {}
+
+
+def _build_task(
+    ckpt: dict[str, Any], path: str | Path, map_location: str | torch.device
+) -> tuple[TaskModule, dict[str, Any]]:
+    extras = ckpt["lmlab"]
     task_cls = locate(extras["task"])
-    hyper = ckpt.get("hyper_parameters")
-    if not isinstance(hyper, dict) or not {"model", "data_info"} <= set(hyper) or "state_dict" not in ckpt:
-        raise CheckpointMismatchError(f"'{path}' holds no task hyperparameters and weights; it cannot be rebuilt.")
-    unexpected = sorted(set(hyper) - _init_keys(task_cls))
-    if unexpected:
-        raise CheckpointMismatchError(
-            f"'{path}' has hyperparameters {', '.join(unexpected)} that {task_cls.__name__} does not take; it was "
-            "written by another program or lmlab version."
-        )
-    try:
+    hyper = _hyperparameters(ckpt, path, task_cls.__name__, _init_keys(task_cls))
+    with _rebuilding(path, task_cls.__name__):
         # the optimizer and schedule are for training: a loaded task never builds them
         built = {**hyper, "optimizer": None, "scheduler": None}
         task = task_cls(**built, tokenizer_state=extras.get("tokenizer"), run_config=extras.get("config"))
         task.load_state_dict(ckpt["state_dict"])
+    return task.to(map_location), extras.get("config") or {}
+
+
+def _hyperparameters(ckpt: dict[str, Any], path: str | Path, task_name: str, accepted: Set[str]) -> dict[str, Any]:
+    """The task's hyperparameters, refused unless they and the weights are there and the task takes them all."""
+    hyper = ckpt.get("hyper_parameters")
+    if not isinstance(hyper, dict) or not {"model", "data_info"} <= set(hyper) or "state_dict" not in ckpt:
+        raise CheckpointMismatchError(f"'{path}' holds no task hyperparameters and weights; it cannot be rebuilt.")
+    unexpected = sorted(set(hyper) - accepted)
+    if unexpected:
+        raise CheckpointMismatchError(
+            f"'{path}' has hyperparameters {', '.join(unexpected)} that {task_name} does not take; it was "
+            "written by another program or lmlab version."
+        )
+    return hyper
+
+
+@contextlib.contextmanager
+def _rebuilding(path: str | Path, task_name: str) -> Iterator[None]:
+    """Report a network or weights that do not fit the stored config as one mismatch error."""
+    try:
+        yield
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         reason = " ".join(str(err).split())[:300]
         raise CheckpointMismatchError(
-            f"'{path}' cannot be rebuilt as a {task_cls.__name__} ({type(err).__name__}: {reason})."
+            f"'{path}' cannot be rebuilt as a {task_name} ({type(err).__name__}: {reason})."
         ) from None
-    return task.to(map_location), extras.get("config") or {}
 
 
 def _init_keys(cls: type) -> set[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from lmlab.checkpoint import check_matches, load_task
+from lmlab.checkpoint import check_matches, load_language_model
 from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import to_plain, user_errors
@@ -31,12 +31,12 @@ def generate_samples(cfg: DictConfig, prompt: str | None = None) -> list[str]:
     validate_config(cfg, schema=None)
     check_devices(cfg)
     device = torch.device(cfg.device)
-    task, run_cfg = load_task(cfg.ckpt_path, map_location=device)
-    if not hasattr(task, "generate_text"):
+    model, run_cfg = load_language_model(cfg.ckpt_path, map_location=device)
+    if not hasattr(model, "generate_text"):
         raise ConfigError(f"'{cfg.ckpt_path}' is not a language model checkpoint; lmlab-generate needs one.")
     if cfg.get("model") is not None:
         check_matches(run_cfg, to_plain(cfg.model), "model", cfg.ckpt_path)
-    return task.generate_text(
+    return model.generate_text(
         prompt_text(cfg) if prompt is None else prompt,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab.config import accepted_keys, locate
 from lmlab.errors import LmlabError, RunInterrupted
 
 log = logging.getLogger("lmlab")
@@ -48,6 +49,14 @@ def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(cause, LmlabError):
             raise cause from None
         raise
+
+
+def build_network(model: Mapping[str, Any], data_info: Mapping[str, Any], inputs: tuple[str, ...]) -> Any:
+    """The network of ``model`` (a config with a ``_target_``), given the ``inputs`` from ``data_info`` that its
+    constructor takes."""
+    accepted = accepted_keys(locate(model["_target_"]))
+    decided = {k: data_info[k] for k in inputs if accepted is None or k in accepted}
+    return instantiate(model, **decided)
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:

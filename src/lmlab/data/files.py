@@ -7,7 +7,7 @@ read with Hugging Face ``datasets`` after the same checks.
 from __future__ import annotations
 
 import glob
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,19 @@ def resolve_files(patterns: str | Sequence[str] | None, key: str) -> list[Path]:
 def file_signature(files: Sequence[Path]) -> list[list[Any]]:
     """Path, size and modification time of each file: part of every cache key."""
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def data_files_signature(data_files: Any) -> Any:
+    """:func:`file_signature` of the local files handed to a hub builder (``data.source.data_files``), per
+    split, so editing them invalidates the cache; remote addresses (``hf://...``) are kept as given."""
+    if data_files is None:
+        return None
+    if isinstance(data_files, Mapping):
+        return {split: data_files_signature(files) for split, files in data_files.items()}
+    patterns = [data_files] if isinstance(data_files, str) else list(data_files)
+    if any("://" in str(pattern) for pattern in patterns):
+        return patterns
+    return file_signature(resolve_files(patterns, "data.source.data_files"))
 
 
 def read_text_file(path: Path) -> str:
@@ -103,6 +116,16 @@ def load_table(path: Path, columns: Sequence[str], key: str) -> Any:
     return table
 
 
+def _plain_data_files(data_files: Any) -> Any:
+    """``datasets`` tells a mapping of splits from a list of files by ``isinstance(dict)``, which a config
+    node fails."""
+    if isinstance(data_files, Mapping):
+        return {str(split): _plain_data_files(files) for split, files in data_files.items()}
+    if data_files is None or isinstance(data_files, str):
+        return data_files
+    return [str(f) for f in data_files]
+
+
 def load_hub_dataset(
     path: str, name: str | None, revision: str | None, offline_hint: str, data_files: Any = None
 ) -> Any:
@@ -112,7 +135,7 @@ def load_hub_dataset(
 
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(path, name, data_files=data_files, revision=revision)
+        return datasets.load_dataset(path, name, data_files=_plain_data_files(data_files), revision=revision)
     except Exception as err:  # the hub client and builders raise many kinds of errors
         raise DataError(
             f"Could not load '{path}' from the Hugging Face hub ({type(err).__name__}: {err}). Offline? {offline_hint}"

@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from lmlab.data.files import file_signature, load_hub_dataset, load_table, read_text_file, resolve_files
+from lmlab.data.files import (
+    data_files_signature,
+    file_signature,
+    load_hub_dataset,
+    load_table,
+    read_text_file,
+    resolve_files,
+)
 from lmlab.errors import DataError
 from lmlab.registry import register
 
@@ -198,7 +205,7 @@ class HubTable(TableSource):
             "path": self.path,
             "name": self.name,
             "splits": self.splits,
-            "data_files": self.data_files,
+            "data_files": data_files_signature(self.data_files),
             "revision": self.revision,
             **self._base_fingerprint(),
         }

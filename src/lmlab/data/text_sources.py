@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from lmlab.data.files import file_signature, load_hub_dataset, read_column, resolve_files
+from lmlab.data.files import data_files_signature, file_signature, load_hub_dataset, read_column, resolve_files
 from lmlab.errors import DataError
 from lmlab.registry import register
 
@@ -69,7 +69,8 @@ class PydocTopics(TextSource):
 
 @register("source")
 class HubText(TextSource):
-    """A Hugging Face hub data set with a text column (``datasets.load_dataset(path, name)``)."""
+    """A Hugging Face hub data set with a text column (``datasets.load_dataset(path, name)``), or local
+    copies of it through a builder (``path=parquet``, ``data_files=...``)."""
 
     def __init__(
         self,
@@ -81,8 +82,10 @@ class HubText(TextSource):
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
         revision: str | None = None,
+        data_files: Any = None,
     ) -> None:
         self.path, self.name, self.text_column, self.join_with = path, name, text_column, join_with
+        self.data_files = data_files
         self.splits = dict(splits or {s: s for s in SPLITS})
         self.val_fraction, self.test_fraction, self.revision = val_fraction, test_fraction, revision
 
@@ -91,6 +94,7 @@ class HubText(TextSource):
             self.path,
             self.name,
             self.revision,
+            data_files=self.data_files,
             offline_hint="Use data=text_files with data.source.train_files=<local files>.",
         )
         out: dict[str, str] = {}
@@ -116,6 +120,7 @@ class HubText(TextSource):
             "val": self.val_fraction,
             "test": self.test_fraction,
             "revision": self.revision,
+            "data_files": data_files_signature(self.data_files),
         }
 
 

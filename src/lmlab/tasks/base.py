@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from lmlab import __version__
-from lmlab.config import accepted_keys, locate
 from lmlab.errors import NonFiniteLossError
-from lmlab.runtime import instantiate
+from lmlab.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 
@@ -55,9 +54,7 @@ class TaskModule(L.LightningModule):
         self._pending_rng: dict[str, Any] | None = None
 
     def build_network(self, model: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
-        accepted = accepted_keys(locate(model["_target_"]))
-        decided = {k: data_info[k] for k in self.network_inputs if accepted is None or k in accepted}
-        return instantiate(model, **decided)
+        return build_network(model, data_info, self.network_inputs)
 
     def batch_counts(self, batch: Any) -> tuple[int, int]:
         """``(examples, tokens)`` of a training batch, for throughput: the input tensor's rows and elements."""

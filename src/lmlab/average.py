@@ -1,6 +1,6 @@
-"""Average the weights of several checkpoints of one run into a new checkpoint.
+"""``lmlab-average``: average the weights of several checkpoints of one run into a new checkpoint.
 
-    python scripts/average_checkpoints.py logs/mt/runs/.../checkpoints/step_*.ckpt --out averaged.ckpt
+    lmlab-average logs/mt/runs/.../checkpoints/step_*.ckpt --out averaged.ckpt
     lmlab-translate ckpt_path=averaged.ckpt input=test.de
 
 Keep several checkpoints with ``callbacks.model_checkpoint.save_top_k=5``. The output is a regular
@@ -19,7 +19,9 @@ from lmlab.runtime import user_errors
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lmlab-average", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoints", nargs="+", help="checkpoint files of one run")
     parser.add_argument("--out", required=True, help="where to write the averaged checkpoint")
     args = parser.parse_args()

@@ -1,0 +1,129 @@
+"""A trained language model without the machinery that trained it: the network, its tokenizer, and sampling
+text from them.
+
+The language-model task (:class:`lmlab.tasks.lm.LanguageModelingTask`, a LightningModule) samples through
+:class:`LanguageModel`, and ``lmlab-generate`` loads the task's checkpoints straight into one
+(:func:`lmlab.checkpoint.load_language_model`): importing Lightning takes seconds, sampling a few tokens does
+not. What loading a checkpoint must know about the task without importing it is declared here, beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmlab.errors import TokenizerError
+from lmlab.generation import generate
+from lmlab.runtime import build_network
+from lmlab.tokenizers import Tokenizer, tokenizer_from_state
+
+#: the dotted path by which checkpoints name the language-model task
+TASK = "lmlab.tasks.lm.LanguageModelingTask"
+#: the data module the task reads
+DATA_MODULE = "lmlab.data.lm.LMDataModule"
+#: the ``data_info`` keys the task builds its network from
+NETWORK_INPUTS = ("vocab_size", "block_size")
+#: the keywords the task's constructor takes: a checkpoint's hyperparameters are some of these
+TASK_KEYWORDS = frozenset(
+    {
+        "model",
+        "data_info",
+        "optimizer",
+        "scheduler",
+        "compile",
+        "finite_check_every_n_steps",
+        "tokenizer_state",
+        "run_config",
+    }
+)
+
+
+def _task_layout(net: nn.Module, compiled: bool) -> nn.Module:
+    """A module whose state_dict names ``net``'s tensors as the task's does: ``net.*``, and again under the
+    attribute the task calls it through, ``_forward.*`` (``_forward._orig_mod.*`` when the task compiles it)."""
+    return nn.ModuleDict({"net": net, "_forward": nn.ModuleDict({"_orig_mod": net}) if compiled else net})
+
+
+class LanguageModel:
+    """A network that maps token ids to next-token logits, and the tokenizer it was trained with."""
+
+    def __init__(self, net: nn.Module, tokenizer: Tokenizer | None) -> None:
+        self.net, self.tokenizer = net, tokenizer
+
+    @classmethod
+    def from_task_state(
+        cls, hyper: Mapping[str, Any], tokenizer_state: dict[str, Any] | None, state_dict: Mapping[str, Any]
+    ) -> LanguageModel:
+        """What a language-model task built from these hyperparameters, tokenizer and weights holds, built in
+        the task's order (the tokenizer, then the network) so a bad checkpoint fails the same way."""
+        tokenizer = tokenizer_from_state(tokenizer_state) if tokenizer_state else None
+        net = build_network(hyper["model"], hyper["data_info"], NETWORK_INPUTS)
+        _task_layout(net, bool(hyper.get("compile", False))).load_state_dict(state_dict)
+        return cls(net, tokenizer)
+
+    def to(self, device: str | torch.device) -> LanguageModel:
+        """Move the network to ``device`` (sampling runs where its parameters are)."""
+        self.net.to(device)
+        return self
+
+    def generate_text(
+        self,
+        prompt: str,
+        max_new_tokens: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        num_samples: int = 1,
+        stop_at_eos: bool = False,
+    ) -> list[str]:
+        """Continue ``prompt``; with a ``seed`` the result is the same on every call."""
+        if self.tokenizer is None:
+            raise TokenizerError("This model has no tokenizer attached; load it from a lmlab checkpoint.")
+        ids = self.tokenizer.encode(prompt, strict=True) if prompt else self._start_ids()
+        if not ids:
+            raise TokenizerError(f"The prompt {prompt!r} encodes to no tokens.")
+        device = next(self.net.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            out = generate(
+                self.net,
+                idx,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+                eos_id=self.tokenizer.eos_id if stop_at_eos else None,
+                suppress_ids=self._never_sampled(),
+            )
+        finally:
+            self.net.train(was_training)
+        return [self._continuation(ids, row.tolist()) for row in out]
+
+    def _continuation(self, prompt_ids: list[int], ids: list[int]) -> str:
+        """The text after the prompt, as the tokenizer writes the whole sequence: decoding the new tokens
+        alone would drop the space a word tokenizer puts between the prompt's last word and the next."""
+        assert self.tokenizer is not None
+        whole, prompt = self.tokenizer.decode(ids), self.tokenizer.decode(prompt_ids)
+        if whole.startswith(prompt):
+            return whole[len(prompt) :]
+        return self.tokenizer.decode(ids[len(prompt_ids) :])
+
+    def _never_sampled(self) -> list[int]:
+        """The character vocabulary's unknown symbol: by construction absent from the training text."""
+        unk = getattr(self.tokenizer, "unk_id", None)
+        return [unk] if self.tokenizer is not None and self.tokenizer.kind == "char" and unk is not None else []
+
+    def _start_ids(self) -> list[int]:
+        """Where an empty prompt starts: end-of-text if the tokenizer has one, else a newline."""
+        assert self.tokenizer is not None
+        if self.tokenizer.eos_id is not None:
+            return [self.tokenizer.eos_id]
+        return self.tokenizer.encode("\n")

@@ -1,0 +1,372 @@
+"""Every command in README.md's fenced bash blocks, run as written.
+
+Each section of the README runs in a fresh, empty directory, its commands in order, as a subprocess of
+``bash`` with no ``paths.*`` or ``hydra.*`` overrides. ``ROWS`` holds one row per command, and a row may
+add only two kinds of thing, both visible there: limiting overrides (fewer steps, batches, trials or
+tokens) and, for a command that reads a hub data set, the documented offline form of the same data option
+reading ``../shared/data``. The placeholders the README asks a user to fill in are filled the way the user
+would: ``<run>`` with the newest run folder of that path, ``ckpt_path=...`` with the checkpoint the
+previous command of the section used. The input files a command names (``train.csv``, ``test.de``) are
+written into the directory first, cut from the shared data sets. A command without a row, or a row
+without a command, fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+# -- the README's commands --------------------------------------------------------------------------------
+
+
+def readme_sections(text: str) -> dict[str, list[str]]:
+    """The commands of each section's bash blocks: continuation lines joined, comments left out."""
+    sections: dict[str, list[str]] = {}
+    heading, inside, pending = "", False, ""
+    for line in text.splitlines():
+        if not inside and line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        elif line.strip() == "```bash":
+            inside = True
+        elif inside and line.strip() == "```":
+            inside = False
+        elif inside:
+            line = pending + line.lstrip() if pending else line
+            pending = ""
+            if line.rstrip().endswith("\\"):
+                pending = line.rstrip()[:-1]
+                continue
+            command = re.sub(r"\s+#\s.*$", "", line).strip()
+            if command and not command.startswith("#"):
+                sections.setdefault(heading, []).append(command)
+    return sections
+
+
+SECTIONS = readme_sections(README.read_text(encoding="utf-8"))
+
+# -- the table: what each command gets added --------------------------------------------------------------
+
+#: a few steps, two validations, two validation and test batches, short text samples
+STEPS = (
+    "trainer.max_steps=4 trainer.val_check_interval=2 trainer.limit_val_batches=2 trainer.limit_test_batches=2 "
+    "callbacks.samples.max_new_tokens=5"
+)
+CLS_STEPS = STEPS.replace(" callbacks.samples.max_new_tokens=5", "")
+#: translation also scores (and beam-decodes) fewer test sentences, with a smaller network
+MT_STEPS = f"{CLS_STEPS} data.eval_batch_size=16"
+SMALL_TRANSFORMER = "model.n_embd=64 model.n_head=2 model.encoder_layers=1 model.decoder_layers=1"
+SMALL_RNN = "model.embedding_dim=32 model.hidden_size=64 model.encoder_layers=1 model.decoder_layers=1"
+TRIALS = "hydra.sweeper.n_trials=2"
+
+
+def _offline(option: str) -> str:
+    """The README's offline form of a hub data option, reading the shared copies of its splits."""
+    splits = {
+        "wikitext2": ("wikitext-2", ["train", "validation", "test"]),
+        "imdb": ("imdb", ["train", "test"]),
+        "sst2": ("sst2", ["train", "validation"]),
+        "multi30k": ("multi30k", ["train", "validation", "test"]),
+    }[option]
+    folder, names = splits
+    files = ", ".join(f"{name}: {SHARED_DATA.resolve() / folder / name}.parquet" for name in names)
+    return f"data.source.path=parquet data.source.name=null 'data.source.data_files={{{files}}}'"
+
+
+@dataclass(frozen=True)
+class Row:
+    """What one README command gets: limiting overrides, the offline form of a hub data option, or the
+    reason it cannot run here (``gpus``: how many CUDA devices it needs)."""
+
+    add: str = ""
+    offline: str | None = None
+    skip: str | None = None
+    gpus: int = 0
+
+
+ROWS: dict[str, Row] = {
+    # Two commands
+    'pip install "torch==2.13.0" -e . && lmlab-train': Row(add=STEPS),
+    'pip install "torch==2.13.0" -e ".[test]" && pytest': Row(skip="the test suite itself: .ci/run runs it"),
+    # Entry points
+    "lmlab-train model=lstm tokenizer=bpe tokenizer.vocab_size=4096 optimizer.lr=1e-3 trainer.max_steps=2000": Row(
+        add=STEPS
+    ),
+    "lmlab-eval ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt": Row(
+        add="trainer.limit_val_batches=2 trainer.limit_test_batches=2"
+    ),
+    'lmlab-generate ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt prompt="The import statement" '
+    "max_new_tokens=200 temperature=0.8 top_k=50 top_p=0.95 seed=0": Row(add="max_new_tokens=20"),
+    "lmlab-generate ckpt_path=... \"prompt='def f(x): return x, \\'é\\''\"": Row(add="max_new_tokens=5"),
+    "lmlab-generate ckpt_path=... prompt_file=prompt.txt": Row(add="max_new_tokens=5"),
+    'echo "def f(x):" | lmlab-generate ckpt_path=... prompt_file=-': Row(add="max_new_tokens=5"),
+    # Data
+    "lmlab-train data=text_files data.source.train_files='corpus/*.txt' data.source.val_fraction=0.1": Row(add=STEPS),
+    "lmlab-train data=text_files data.source.train_files=train.jsonl data.source.val_files=valid.jsonl "
+    "data.source.text_column=body": Row(add=STEPS),
+    "lmlab-train data=wikitext2 tokenizer=word model=lstm": Row(add=STEPS, offline="wikitext2"),
+    "lmlab-train data=wikitext2 tokenizer=word model=lstm data.source.path=parquet data.source.name=null "
+    "data.source.data_files='{train: train.parquet, validation: validation.parquet, test: test.parquet}'": Row(
+        add=STEPS
+    ),
+    # Text classification
+    "lmlab-train experiment=cls/imdb_lstm": Row(add=CLS_STEPS, offline="imdb"),
+    "lmlab-train task=classification model=textcnn data=sst2 tokenizer=word": Row(add=CLS_STEPS, offline="sst2"),
+    "lmlab-train task=classification data=labeled_files data.source.train_files=train.csv "
+    "data.source.test_files=test.csv data.source.columns.text=review data.source.columns.label=sentiment": Row(
+        add=CLS_STEPS
+    ),
+    "lmlab-predict ckpt_path=logs/imdb_lstm/runs/<run>/checkpoints/last.ckpt input=reviews.txt": Row(),
+    "cat reviews.txt | lmlab-predict ckpt_path=... output=predictions.jsonl": Row(),
+    # Translation
+    "lmlab-train experiment=mt/multi30k_transformer callbacks.model_checkpoint.save_top_k=5": Row(
+        add=f"{MT_STEPS} {SMALL_TRANSFORMER}", offline="multi30k"
+    ),
+    "lmlab-train task=translation model=gru_attention data=multi30k data.source_lang=en data.target_lang=de": Row(
+        add=f"{MT_STEPS} {SMALL_RNN}", offline="multi30k"
+    ),
+    "lmlab-train task=translation data=translation_files data.source.train_files=train.parquet "
+    "data.source.val_files=valid.parquet data.source.test_files=test.parquet data.source_lang=de "
+    "data.target_lang=en": Row(add=f"{MT_STEPS} {SMALL_TRANSFORMER}"),
+    "lmlab-train task=translation data=aligned_text data.source.train.source=train.de "
+    "data.source.train.target=train.en": Row(add=f"{MT_STEPS} {SMALL_TRANSFORMER}"),
+    "lmlab-translate ckpt_path=logs/multi30k_transformer/runs/<run>/checkpoints/last.ckpt input=test.de "
+    "beam_size=5": Row(),
+    "cat test.de | lmlab-translate ckpt_path=... length_penalty=0.6 > test.hyp": Row(),
+    "lmlab-average logs/multi30k_transformer/runs/<run>/checkpoints/step_*.ckpt --out averaged.ckpt": Row(),
+    # Sweeps
+    "lmlab-train -m model=lstm,gru optimizer.lr=1e-3,3e-3": Row(add=STEPS),
+    "lmlab-train hparams_search=lm_optuna hydra.sweeper.n_trials=20": Row(add=f"{STEPS} {TRIALS}"),
+    "lmlab-train hparams_search=lm_random hydra.sweeper.n_trials=20": Row(add=f"{STEPS} {TRIALS}"),
+    "lmlab-train hparams_search=lm_optuna hydra/sweeper/sampler=random": Row(add=f"{STEPS} {TRIALS}"),
+    "lmlab-train -m task=classification model=bilstm,textcnn data=sst2": Row(add=CLS_STEPS, offline="sst2"),
+    "lmlab-train hparams_search=cls_optuna data=sst2": Row(add=f"{CLS_STEPS} {TRIALS}", offline="sst2"),
+    "lmlab-train hparams_search=cls_random model=textcnn data=sst2": Row(add=f"{CLS_STEPS} {TRIALS}", offline="sst2"),
+    "lmlab-train hparams_search=mt_optuna experiment=mt/multi30k_transformer": Row(
+        add=f"{MT_STEPS} {SMALL_TRANSFORMER} {TRIALS}", offline="multi30k"
+    ),
+    # Weights & Biases
+    "lmlab-train logger=wandb": Row(
+        skip="logs in to W&B: needs an account and the network (the next command is its offline form)"
+    ),
+    "WANDB_MODE=offline lmlab-train logger=wandb": Row(add=STEPS),
+    "wandb sync logs/train/runs/<run>/wandb/offline-run-*": Row(
+        skip="uploads to W&B: needs an account and the network"
+    ),
+    # Resume
+    "lmlab-train ckpt_path=last": Row(add=STEPS.replace("max_steps=4", "max_steps=6")),
+    "lmlab-train ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt": Row(
+        add=STEPS.replace("max_steps=4", "max_steps=8")
+    ),
+    # Multi-GPU and precision
+    "lmlab-train trainer=gpu trainer.precision=bf16-mixed compile=true": Row(add=STEPS, gpus=1),
+    "lmlab-train trainer=ddp trainer.devices=4": Row(add=STEPS, gpus=4),
+    "lmlab-train trainer=fsdp trainer.devices=8 trainer.num_nodes=2": Row(
+        skip="needs two nodes of eight GPUs each", gpus=16
+    ),
+    "lmlab-train trainer=ddp trainer.accelerator=cpu trainer.devices=2": Row(add=STEPS),
+}
+
+# -- what a section needs before its first command --------------------------------------------------------
+
+#: a run for sections whose first command resumes or reads a checkpoint that another section made
+BEFORE = {"Resume": f"lmlab-train {STEPS}"}
+
+
+def _shared_rows(name: str, columns: list[str], rows: int) -> list[dict[str, str]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(SHARED_DATA / name, columns=columns).slice(0, rows)
+    return table.to_pylist()
+
+
+def _write_table(path: Path, records: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.json  # noqa: F401
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(records)
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+    elif path.suffix == ".csv":
+        pyarrow.csv.write_csv(table, path)
+    else:
+        import json
+
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def write_inputs(section: str, cwd: Path) -> None:
+    """The files the section's commands name, as a user would have them."""
+    if section == "Entry points":
+        (cwd / "prompt.txt").write_text("def f(x):\n    return {'é': (x, \"a, b\")}\n", encoding="utf-8")
+    elif section == "Data":
+        text = [r["text"] for r in _shared_rows("wikitext-2/train.parquet", ["text"], 3000)]
+        (cwd / "corpus").mkdir()
+        for i in range(3):
+            (cwd / "corpus" / f"part{i}.txt").write_text("".join(text[i * 1000 : (i + 1) * 1000]), encoding="utf-8")
+        _write_table(cwd / "train.jsonl", [{"body": t} for t in text[:2500]])
+        _write_table(cwd / "valid.jsonl", [{"body": t} for t in text[2500:]])
+        for split in ("train", "validation", "test"):
+            _write_table(cwd / f"{split}.parquet", _shared_rows(f"wikitext-2/{split}.parquet", ["text"], 1000))
+    elif section == "Text classification":
+        rows = _shared_rows("imdb/train.parquet", ["text", "label"], 25000)[::50]
+        named = [{"review": r["text"], "sentiment": ["negative", "positive"][r["label"]]} for r in rows]
+        _write_table(cwd / "train.csv", named[:400])
+        _write_table(cwd / "test.csv", named[400:])
+        (cwd / "reviews.txt").write_text("".join(r["review"][:300] + "\n" for r in named[:5]), encoding="utf-8")
+    elif section == "Translation":
+        pairs = _shared_rows("multi30k/train.parquet", ["de", "en"], 1200)
+        _write_table(cwd / "train.parquet", pairs[:1000])
+        _write_table(cwd / "valid.parquet", pairs[1000:1100])
+        _write_table(cwd / "test.parquet", pairs[1100:])
+        for lang in ("de", "en"):
+            (cwd / f"train.{lang}").write_text("".join(p[lang] + "\n" for p in pairs[:1000]), encoding="utf-8")
+        (cwd / "test.de").write_text("".join(p["de"] + "\n" for p in pairs[1100:1110]), encoding="utf-8")
+
+
+# -- running a section ------------------------------------------------------------------------------------
+
+
+def _newest(cwd: Path, pattern: str) -> str:
+    found = sorted(cwd.glob(pattern), key=lambda p: p.stat().st_mtime)
+    assert found, f"nothing in {cwd} matches {pattern} for the README's placeholder"
+    return found[-1].name
+
+
+def fill_placeholders(command: str, cwd: Path, previous_ckpt: str | None) -> str:
+    """``<run>``: the newest run folder of that path; ``ckpt_path=...``: the previous command's checkpoint."""
+    for match in re.finditer(r"([^\s=]*)<run>", command):
+        command = command.replace(f"{match.group(1)}<run>", match.group(1) + _newest(cwd, match.group(1) + "*"), 1)
+    if "ckpt_path=..." in command:
+        assert previous_ckpt, "ckpt_path=... follows no command with a checkpoint in its section"
+        command = command.replace("ckpt_path=...", f"ckpt_path={previous_ckpt}")
+    return command
+
+
+def with_additions(command: str, row: Row) -> str:
+    """The row's additions go after the lmlab command's own arguments (before a redirection)."""
+    additions = " ".join(filter(None, [row.add, _offline(row.offline) if row.offline else ""]))
+    if not additions:
+        return command
+    head, redirect, tail = command.partition(" > ")
+    return f"{head} {additions}{redirect}{tail}"
+
+
+def environment() -> dict[str, str]:
+    """The user's environment: this interpreter's console scripts first, nothing that points lmlab elsewhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LMLAB_", "PYTEST_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_command(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        cwd=cwd,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, f"{command}\nexit {done.returncode}\n{done.stderr[-4000:]}"
+    assert "Traceback" not in done.stderr, f"{command}\n{done.stderr[-4000:]}"
+    return done
+
+
+def _without_install(command: str) -> str:
+    """``pip install ... && lmlab-train``: the install is CI's own first step; the rest runs here."""
+    install, _, rest = command.partition(" && ")
+    pinned_torch = install.split()[2]
+    assert f"pip install -q {pinned_torch} -e" in (REPO / ".ci" / "run").read_text(), f"{install}: not how CI installs"
+    return rest
+
+
+def _cannot_run(row: Row) -> str | None:
+    if row.skip:
+        return row.skip
+    if row.gpus:
+        import torch
+
+        if torch.cuda.device_count() < row.gpus:
+            return f"needs {row.gpus} CUDA GPU(s)"
+    if row.offline and not SHARED_DATA.is_dir():
+        return "its offline form reads ../shared/data, which is absent"
+    return None
+
+
+def test_every_readme_command_has_one_row() -> None:
+    commands = [c for section in SECTIONS.values() for c in section]
+    missing = [c for c in commands if c not in ROWS]
+    stale = [c for c in ROWS if c not in commands]
+    assert not missing, f"README commands without a row in ROWS: {missing}"
+    assert not stale, f"rows for commands the README no longer has: {stale}"
+    assert len(commands) == len(set(commands)), "a README command appears twice"
+
+
+def test_rows_add_only_limits_and_offline_data() -> None:
+    limits = ("trainer.max_steps=", "trainer.val_check_interval=", "trainer.limit_", "hydra.sweeper.n_trials=")
+    limits += ("max_new_tokens=", "callbacks.samples.max_new_tokens=", "data.eval_batch_size=")
+    sizes = ("n_embd", "n_head", "n_layer", "encoder_layers", "decoder_layers", "embedding_dim", "hidden_size")
+    limits += tuple(f"model.{size}=" for size in sizes)
+    for command, row in ROWS.items():
+        for addition in shlex.split(row.add):
+            assert addition.startswith(limits), f"'{addition}' (for {command}) is not a limiting override"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_readme_section_runs_as_written(section: str, tmp_path: Path) -> None:
+    if section in ("Data", "Text classification", "Translation") and not SHARED_DATA.is_dir():
+        pytest.skip("its input files are cut from ../shared/data, which is absent")
+    write_inputs(section, tmp_path)
+    if section in BEFORE:
+        run_command(BEFORE[section], tmp_path)
+    previous_ckpt, skipped = None, []
+    for command in SECTIONS[section]:
+        row = ROWS[command]
+        reason = _cannot_run(row)
+        if reason:
+            skipped.append(f"{command}: {reason}")
+            continue
+        typed = _without_install(command) if command.startswith("pip install") else command
+        typed = with_additions(fill_placeholders(typed, tmp_path, previous_ckpt), row)
+        done = run_command(typed, tmp_path)
+        previous_ckpt = re.search(r"ckpt_path=(\S+)", typed).group(1) if "ckpt_path=" in typed else previous_ckpt
+        check_outcome(command, typed, done, tmp_path)
+    if skipped and len(skipped) == len(SECTIONS[section]):
+        pytest.skip("; ".join(skipped))
+
+
+def check_outcome(command: str, typed: str, done: subprocess.CompletedProcess, cwd: Path) -> None:
+    """What the README says each kind of command leaves behind."""
+    if "lmlab-train" in typed:
+        assert re.search(r"last checkpoint: \S+\.ckpt", done.stdout + done.stderr), f"{typed}: no checkpoint reported"
+    if "lmlab-generate" in typed:
+        assert done.stdout.strip(), f"{typed}: no text printed"
+        if "prompt.txt" in typed:
+            assert done.stdout.startswith((cwd / "prompt.txt").read_text(encoding="utf-8").rstrip("\n"))
+        if "prompt='def f(x)" in typed:
+            assert done.stdout.startswith("def f(x): return x, 'é'")
+        if "echo" in typed:
+            assert done.stdout.startswith("def f(x):")
+    if "output=predictions.jsonl" in typed:
+        assert len((cwd / "predictions.jsonl").read_text().splitlines()) == 5
+    if "> test.hyp" in typed:
+        assert len((cwd / "test.hyp").read_text(encoding="utf-8").splitlines()) == 10
+    if "lmlab-average" in typed:
+        assert (cwd / "averaged.ckpt").is_file()
+    if "-m " in typed or "hparams_search=" in typed:
+        assert list(cwd.glob("logs/*/multiruns/*/summary.csv")), f"{typed}: no sweep summary"
