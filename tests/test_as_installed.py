@@ -205,3 +205,30 @@ def test_a_default_run_prints_what_a_researcher_reads(commands: dict[str, Comman
     assert command.stdout.count("test/ppl") == 1, "the test metrics once, in the results table"
     assert len(out.splitlines()) < 60
     assert out.count("Seed set to") == 1, "each Lightning message once"
+
+
+@pytest.mark.parametrize(
+    ("line", "task"),
+    [
+        ("lmlab-train task=classification model=", "classification"),
+        ("lmlab-train model=", "lm"),
+        ("lmlab-train experiment=mt/multi30k_cpu model=", "translation"),
+        ("lmlab-train -m task=translation optimizer.lr=1e-3,3e-3 model=", "translation"),
+    ],
+)
+def test_completion_of_model_offers_the_models_of_the_task(line: str, task: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    done = subprocess.run(
+        [script("lmlab-train"), "-sc", "query=bash"],
+        cwd=tmp_path,
+        env={**os.environ, "COMP_LINE": line},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    offered = sorted(word.removeprefix("model=") for word in done.stdout.split())
+    listed = OmegaConf.load(Path(config_dir()) / "task" / f"{task}.yaml").task.models
+    assert offered == sorted(listed)

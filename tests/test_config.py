@@ -28,8 +28,18 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+import lmlab.config as lmlab_config
 from conftest import FAST, cls_overrides, mt_overrides, toy_seq2seq_folder, write_labeled, write_pairs
-from lmlab.config import accepted_keys, check_task_data, config_dir, data_options, locate, validate_config
+from lmlab.config import (
+    accepted_keys,
+    check_task_data,
+    check_task_model,
+    config_dir,
+    data_options,
+    locate,
+    task_models,
+    validate_config,
+)
 from lmlab.data.classification import ClassificationDataModule
 from lmlab.data.tables import HubTable
 from lmlab.data.text_sources import HubText
@@ -360,6 +370,9 @@ def test_every_group_option_composes_validates_and_instantiates(
     if group == "data":  # each data option composes with the task that reads it
         overrides = [f"task={_task_reading(cfg.data._target_, make_cfg)}", *overrides]
         cfg = make_cfg(overrides)
+    if group == "model":  # and each model option with the task that lists it
+        overrides = [*(f"task={t}" for t, models in task_models().items() if option in models), *overrides]
+        cfg = make_cfg(overrides)
     if isinstance(cfg.get("data"), DictConfig):
         cfg = make_cfg([*overrides, *_local_files(cfg.data.source, tmp_path)])
     validate_config(cfg)
@@ -670,3 +683,33 @@ def test_debug_preset_runs(
         assert len(rec.val_batches) == cfg.trainer.max_steps // cfg.trainer.val_check_interval
     else:
         assert rec.train_batches
+
+
+def test_every_model_option_is_listed_by_the_task_it_builds_for() -> None:
+    listed = task_models()
+    for option in group_options("model"):
+        model = OmegaConf.load(Path(config_dir()) / "model" / f"{option}.yaml")
+        kind = "translation" if _is_seq2seq(model) else "classification" if _is_classifier(model) else "lm"
+        owners = [task for task, models in listed.items() if option in models]
+        assert owners == [kind], f"model={option} builds a {kind} network but is listed by {owners}"
+
+
+@pytest.mark.parametrize(("task", "model"), [("classification", "gpt"), ("lm", "bilstm"), ("translation", "textcnn")])
+def test_model_of_another_task_is_rejected_with_this_tasks_models(task: str, model: str, make_cfg) -> None:
+    cfg = make_cfg([f"task={task}", f"model={model}"])
+    with pytest.raises(ConfigError, match=rf"model={model} is a model for task=\w+, not task={task}") as info:
+        validate_config(cfg)
+    offered = str(info.value).rsplit("model=", 1)[1].rstrip(".").split("|")
+    assert offered == list(cfg.task.models) and model not in offered
+
+
+def test_a_model_no_task_lists_is_not_refused(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a user's own model option (here: bilstm, listed by no task) passes under any task
+    cfg = make_cfg(["task=classification"])
+    with open_dict(cfg.task):
+        cfg.task.models = ["textcnn"]
+    monkeypatch.setattr(lmlab_config, "task_models", lambda: {"classification": ["textcnn"], "lm": ["gpt"]})
+    check_task_model(cfg)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="model=bilstm is a model for task=classification"):
+        check_task_model(cfg)

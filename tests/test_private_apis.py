@@ -108,3 +108,12 @@ def test_sacrebleu_statistics_functions(metric) -> None:
         metric.corpus_score(["the cat sat"], [["the cat sat"]]).score
     )
     assert sacrebleu.__version__.startswith("2.")
+
+
+def test_hydra_group_options_for_completion() -> None:
+    # cli._complete_models_of_the_task wraps the loader's listing of a group's options
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    parameters = list(inspect.signature(ConfigLoaderImpl.get_group_options).parameters)
+    assert parameters == ["self", "group_name", "results_filter", "config_name", "overrides"]
+    assert callable(ConfigLoaderImpl.load_configuration)

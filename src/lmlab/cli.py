@@ -50,6 +50,8 @@ def lmlab_main(
         @functools.wraps(task)
         def run() -> Any:
             sys.argv[1:] = _as_overlays(sys.argv[1:], overlays)
+            if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
+                _complete_models_of_the_task()
             with hydra_errors():
                 return hydra_main()
 
@@ -67,6 +69,46 @@ def _as_overlays(args: list[str], groups: tuple[str, ...]) -> list[str]:
             arg = "++" + arg
         out.append(arg)
     return out
+
+
+def _complete_models_of_the_task() -> None:
+    """Shell completion of ``model=`` offers the models of the task the line composes (``task=``, or the task
+    an ``experiment=`` picks, or the default), and the options no task lists (a user's own); Hydra's own
+    completion lists every option of a group."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.object_type import ObjectType
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from lmlab.config import task_models
+
+    list_options = ConfigLoaderImpl.get_group_options
+
+    def get_group_options(
+        self: ConfigLoaderImpl,
+        group_name: str,
+        results_filter: ObjectType | None = ObjectType.CONFIG,
+        config_name: str | None = None,
+        overrides: list[str] | None = None,
+    ) -> list[str]:
+        options = list_options(self, group_name, results_filter, config_name, overrides)
+        if group_name != "model" or results_filter != ObjectType.CONFIG:
+            return options
+        try:
+            # a sweep's values do not change its task: compose the line without them
+            parsed = OverridesParser.create().parse_overrides(list(overrides or []))
+            single = [override.input_line for override in parsed if not override.is_sweep_override()]
+            composed = self.load_configuration(config_name, single, RunMode.RUN)
+        except HydraException:
+            return options  # a line that does not compose yet: every option
+        listed = OmegaConf.select(composed, "task.models")
+        if not listed:
+            return options
+        claimed = {model for models in task_models().values() for model in models}
+        return [option for option in options if option in listed or option not in claimed]
+
+    ConfigLoaderImpl.get_group_options = get_group_options  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager

@@ -75,6 +75,7 @@ def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
                 f"Invalid config key '{err.full_key}': {reason}. Check the key's spelling and type."
             ) from None
         check_task_data(cfg)
+        check_task_model(cfg)
     check_missing(cfg)
     check_targets(cfg)
     check_top_level(cfg)
@@ -97,6 +98,27 @@ def check_task_data(cfg: DictConfig) -> None:
         f"data={_choice('data') or data_target} is data for another task: task={_choice('task') or task_target} "
         f"reads {wanted.__name__} data. Pick one of data={'|'.join(options)}."
     )
+
+
+def check_task_model(cfg: DictConfig) -> None:
+    """A model option that another task lists (``task.models``) is refused before it fails inside the network."""
+    model, listed = _choice("model"), OmegaConf.select(cfg, "task.models")
+    if not model or not listed or model in listed:
+        return
+    owners = [task for task, models in task_models().items() if model in models]
+    if owners:
+        raise ConfigError(
+            f"model={model} is a model for task={owners[0]}, not task={_choice('task') or 'this task'}. "
+            f"Pick one of model={'|'.join(listed)}."
+        )
+
+
+def task_models() -> dict[str, list[str]]:
+    """Each ``conf/task`` option and the model options it lists under ``task.models``."""
+    return {
+        path.stem: list(OmegaConf.select(OmegaConf.load(path), "task.models") or [])
+        for path in sorted((Path(config_dir()) / "task").glob("*.yaml"))
+    }
 
 
 def data_options() -> dict[str, str]:
