@@ -147,6 +147,8 @@ def explain(err: BaseException) -> str | None:
             f"cannot read the override '{err.override}' ({reason}). Quote a value that holds spaces, punctuation "
             f"or non-ASCII characters: {quoted} (typed in a shell, inside a second pair of quotes)."
         )
+    if type(err).__name__ == "UncompletedJobError" and type(err).__module__.startswith("submitit"):
+        return _failed_job(str(err))
     if isinstance(err, MissingConfigException) and err.options:
         # "Could not find 'model/gtp'" and the options, without Hydra's search path
         head = str(err).split("\n")[0].strip()
@@ -157,6 +159,20 @@ def explain(err: BaseException) -> str | None:
             text += f" ({' '.join(str(cause).split())})"
         return text
     return None
+
+
+def _failed_job(text: str) -> str:
+    """A sweep job of the submitit launcher failed: submitit's error holds the job's whole output; the job's
+    own one-line error (or how it ended) and where its log is are what the sweep reports."""
+    said = [line for line in text.splitlines() if line.startswith(("error: ", "stopped: "))]
+    job = re.search(r"with path (\S+)_result\.pkl", text)
+    state = re.search(r"\(state: (\w+)\)", text)
+    reason = (
+        said[-1].split(": ", 1)[1]
+        if said
+        else f"it ended without a result ({state.group(1) if state else 'state unknown'})"
+    )
+    return f"a sweep job failed: {reason}" + (f" (its log: {job.group(1)}_log.err)" if job else "")
 
 
 def _unknown_key(err: BaseException, cause: OmegaConfBaseException) -> str | None:
