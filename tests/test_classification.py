@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -345,6 +346,23 @@ def test_checkpoint_with_another_label_set_is_refused(make_cfg, labeled_dir: Pat
         config_name="eval",
     )
     with pytest.raises(DataError, match=r"outside the checkpoint's label set .*'weather'"):
+        evaluate(eval_cfg)
+
+
+def test_scoring_another_file_when_the_training_files_are_gone_names_them(
+    make_cfg, labeled_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(labeled_dir, data)
+    _run(make_cfg, cls_overrides(data, "model=bag_of_ngrams", "trainer.max_steps=2", "test=false"), tmp_path / "A")
+    ckpt = tmp_path / "A" / "checkpoints" / "last.ckpt"
+    (data / "train.jsonl").unlink()
+    eval_cfg = make_cfg(
+        # the console script passes data.* keys to Hydra as ++data.* (cli._as_overlays)
+        [f"ckpt_path={ckpt}", f"++data.source.test_files={data}/test.jsonl", "splits=[test]"],
+        config_name="eval",
+    )
+    with pytest.raises(DataError, match=rf"training files '{ckpt}' was trained on .*{data}/train.jsonl.*Put them back"):
         evaluate(eval_cfg)
 
 

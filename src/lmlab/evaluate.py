@@ -7,8 +7,10 @@ the rest (columns, languages, tokenizer).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmlab.checkpoint import check_matches, load_task
 from lmlab.config import accepted_keys, check_devices, locate, validate_config
-from lmlab.errors import CheckpointMismatchError, ConfigError
+from lmlab.errors import CheckpointMismatchError, ConfigError, DataError
 from lmlab.runtime import instantiate, quiet_console, to_plain, user_errors
 from lmlab.tasks.base import TaskModule
 
@@ -36,8 +38,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("model") is not None:
         check_matches(run_cfg, to_plain(cfg.model), "model", cfg.ckpt_path)
     data_cfg = evaluation_data(cfg, run_cfg, task)
-    datamodule = instantiate(data_cfg, **task.datamodule_kwargs())
-    datamodule.prepare_data()
+    with _training_files_named(data_cfg, cfg.ckpt_path):
+        datamodule = instantiate(data_cfg, **task.datamodule_kwargs())
+        datamodule.prepare_data()
     datamodule.setup("validate")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False)
     metrics: dict[str, float] = {}
@@ -105,6 +108,22 @@ def _check_overlay_source(trained: dict[str, Any], overlay: DictConfig, ckpt_pat
             "data=translation_files (or labeled_files, text_files) with data.source.train_files and "
             "data.source.test_files."
         )
+
+
+@contextlib.contextmanager
+def _training_files_named(data: DictConfig, ckpt_path: str) -> Iterator[None]:
+    """The data module reads the training split besides the splits scored: when the checkpoint's training files
+    are gone, say that they are the checkpoint's and how to point at them."""
+    try:
+        yield
+    except DataError as err:
+        if not str(err).startswith("data.source.train_files:") or "source.train_files" in _data_overrides():
+            raise
+        raise DataError(
+            f"{err} These are the training files '{ckpt_path}' was trained on "
+            f"(data.source.train_files={OmegaConf.select(data, 'source.train_files')}); lmlab-eval reads them "
+            "besides the files it scores. Put them back, or name where they are now: data.source.train_files=..."
+        ) from None
 
 
 def _data_overrides() -> set[str]:
