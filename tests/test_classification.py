@@ -349,21 +349,22 @@ def test_checkpoint_with_another_label_set_is_refused(make_cfg, labeled_dir: Pat
         evaluate(eval_cfg)
 
 
-def test_scoring_another_file_when_the_training_files_are_gone_names_them(
+def test_scoring_a_file_needs_no_training_files_and_a_split_drawn_from_them_names_them(
     make_cfg, labeled_dir: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
     shutil.copytree(labeled_dir, data)
     _run(make_cfg, cls_overrides(data, "model=bag_of_ngrams", "trainer.max_steps=2", "test=false"), tmp_path / "A")
     ckpt = tmp_path / "A" / "checkpoints" / "last.ckpt"
+    # the console script passes data.* keys to Hydra as ++data.* (cli._as_overlays)
+    on_test_file = [f"ckpt_path={ckpt}", f"++data.source.test_files={data}/test.jsonl", "splits=[test]"]
+    before = evaluate(make_cfg(on_test_file, config_name="eval"))
     (data / "train.jsonl").unlink()
-    eval_cfg = make_cfg(
-        # the console script passes data.* keys to Hydra as ++data.* (cli._as_overlays)
-        [f"ckpt_path={ckpt}", f"++data.source.test_files={data}/test.jsonl", "splits=[test]"],
-        config_name="eval",
-    )
+    (data / "val.jsonl").unlink()
+    assert evaluate(make_cfg(on_test_file, config_name="eval")) == before
+    drawn = [f"ckpt_path={ckpt}", "++data.source.test_files=null", "++data.source.test_fraction=0.2", "splits=[test]"]
     with pytest.raises(DataError, match=rf"training files '{ckpt}' was trained on .*{data}/train.jsonl.*Put them back"):
-        evaluate(eval_cfg)
+        evaluate(make_cfg(drawn, config_name="eval"))
 
 
 def test_sweep_over_two_models_ranks_by_validation_accuracy(labeled_dir: Path, tmp_path: Path) -> None:

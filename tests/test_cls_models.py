@@ -15,8 +15,9 @@ from torch import nn
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.models import GPT, BagOfNGrams, HFEncoderClassifier, RNNClassifier, TextCNN, TransformerClassifier
-from lmlab.models.attention import Block, sinusoidal_positions
 from lmlab.models.embeddings import load_word_vectors, make_embedding
+from lmlab.models.positions import sinusoidal_positions
+from lmlab.models.transformer import Block
 
 VOCAB, CLASSES, PAD, MAX_LEN = 40, 3, 0, 32
 EMB = {"dim": 32}
@@ -212,7 +213,7 @@ def test_frozen_hf_encoder_trains_only_its_head() -> None:
     ("build", "message"),
     [
         (
-            lambda: RNNClassifier(VOCAB, CLASSES, PAD, pooling="foo"),
+            lambda: RNNClassifier(VOCAB, CLASSES, PAD, "lstm", pooling="foo"),
             "model.pooling must be one of max, mean, last, got 'foo'",
         ),
         (lambda: RNNClassifier(VOCAB, CLASSES, PAD, cell="rnn"), "model.cell must be one of lstm, gru"),
@@ -307,7 +308,7 @@ def test_frozen_embedding_only_with_pretrained_vectors() -> None:
     assert not frozen.weight.requires_grad and frozen.padding_idx == 0
     assert make_embedding(10, 0, 4, pretrained_path=None, freeze=True).weight.requires_grad
     assert make_embedding(10, 0, 4, pretrained_path="v.txt", freeze=False).weight.requires_grad
-    net = RNNClassifier(VOCAB, CLASSES, PAD, embedding={"dim": 8, "pretrained_path": "v.txt", "freeze": True})
+    net = RNNClassifier(VOCAB, CLASSES, PAD, "lstm", embedding={"dim": 8, "pretrained_path": "v.txt", "freeze": True})
     assert not net.embedding.weight.requires_grad and net.embedding.padding_idx == PAD
     assert all(p.requires_grad for name, p in net.named_parameters() if not name.startswith("embedding."))
 

@@ -36,6 +36,7 @@ from lmlab.config import (
     check_task_model,
     config_dir,
     data_options,
+    is_base,
     locate,
     task_models,
     validate_config,
@@ -45,6 +46,7 @@ from lmlab.data.tables import HubTable
 from lmlab.data.text_sources import HubText
 from lmlab.data.translation import TranslationDataModule
 from lmlab.errors import ConfigError
+from lmlab.models.base import ClassifierNetwork, Seq2SeqNetwork
 from lmlab.runtime import instantiate_dict
 from lmlab.tasks.base import TaskModule
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state, train_bpe
@@ -63,8 +65,10 @@ TEXT = "the red cat sat on the blue mat.\nthe old dog lay on the flat rug.\n" * 
 
 
 def group_options(group: str) -> list[str]:
-    """Option names of a config group: its YAML files, nested folders included (``lm/shakespeare_char``)."""
-    return sorted(p.relative_to(CONF / group).with_suffix("").as_posix() for p in (CONF / group).rglob("*.yaml"))
+    """Option names of a config group: its YAML files, nested folders included (``lm/shakespeare_char``), but
+    not the bases that options build on (``data/base/translation``)."""
+    names = (p.relative_to(CONF / group).with_suffix("").as_posix() for p in (CONF / group).rglob("*.yaml"))
+    return sorted(name for name in names if not is_base(name))
 
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -113,11 +117,11 @@ DATA_INFO = {
 
 
 def _is_classifier(model: DictConfig) -> bool:
-    return "num_classes" in (accepted_keys(locate(model._target_)) or {})
+    return issubclass(locate(model._target_), ClassifierNetwork)
 
 
 def _is_seq2seq(model: DictConfig) -> bool:
-    return "tgt_vocab_size" in (accepted_keys(locate(model._target_)) or {})
+    return issubclass(locate(model._target_), Seq2SeqNetwork)
 
 
 def _local_encoder(model: DictConfig) -> DictConfig:
@@ -650,7 +654,7 @@ def test_debug_preset_runs(
             *DEBUG_SPEEDUPS.get(preset, []),
         ]
     )
-    assert cfg.task_name == "debug" and cfg.extras.debug
+    assert cfg.task_name == "debug" and cfg.trainer.detect_anomaly
 
     value = train(cfg)
 

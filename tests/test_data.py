@@ -128,7 +128,7 @@ def test_fingerprint_changes_with_file_content_and_settings(tmp_path: Path) -> N
 def test_missing_file_names_file_and_key(tmp_path: Path) -> None:
     missing = tmp_path / "nope.txt"
     with pytest.raises(DataError) as info:
-        TextFiles(str(missing))
+        TextFiles(str(missing)).load()
     assert str(missing) in str(info.value)
     assert "data.source.train_files" in str(info.value)
 
@@ -136,7 +136,7 @@ def test_missing_file_names_file_and_key(tmp_path: Path) -> None:
 def test_missing_val_file_names_val_key(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("text", encoding="utf-8")
     with pytest.raises(DataError) as info:
-        TextFiles(str(tmp_path / "a.txt"), val_files=str(tmp_path / "val.txt"))
+        TextFiles(str(tmp_path / "a.txt"), val_files=str(tmp_path / "val.txt")).load()
     assert "data.source.val_files" in str(info.value) and "val.txt" in str(info.value)
 
 
@@ -144,7 +144,7 @@ def test_glob_matching_nothing_names_pattern(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("text", encoding="utf-8")
     pattern = str(tmp_path / "*.jsonl")
     with pytest.raises(DataError) as info:
-        TextFiles(pattern)
+        TextFiles(pattern).load()
     assert pattern in str(info.value)
 
 

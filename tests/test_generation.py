@@ -20,7 +20,10 @@ def _gpt(block_size: int = 16) -> GPT:
 
 def _rnn(cell: str = "lstm") -> RecurrentLM:
     torch.manual_seed(0)
-    return RecurrentLM(vocab_size=VOCAB, cell=cell, n_embd=16, hidden_size=32, n_layer=2, dropout=0.0).eval()
+    model = RecurrentLM(
+        vocab_size=VOCAB, cell=cell, n_embd=16, hidden_size=32, n_layer=2, dropout=0.0, tie_weights=False
+    )
+    return model.eval()
 
 
 def _prompt(batch: int = 2, length: int = 5, seed: int = 0) -> torch.Tensor:

@@ -38,6 +38,7 @@ def _rnn(cell: str, **kwargs) -> RecurrentLM:
         "hidden_size": 24,
         "n_layer": 2,
         "dropout": 0.1,
+        "tie_weights": False,
         **kwargs,
     }
     return RecurrentLM(**settings).eval()
@@ -169,7 +170,7 @@ def test_gpt_n_embd_not_divisible_by_n_head_raises() -> None:
 
 def test_recurrent_tie_weights_needs_equal_sizes() -> None:
     with pytest.raises(ConfigError) as info:
-        RecurrentLM(vocab_size=VOCAB, n_embd=16, hidden_size=24, tie_weights=True)
+        RecurrentLM(vocab_size=VOCAB, cell="lstm", n_embd=16, hidden_size=24, tie_weights=True)
     assert "16" in str(info.value) and "24" in str(info.value)
 
 

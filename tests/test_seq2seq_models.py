@@ -32,10 +32,10 @@ TRANSFORMER = {"n_embd": 16, "n_head": 2, "dropout": 0.1, "max_positions": 24}
 
 NETWORKS: dict[str, Callable[[], Seq2SeqNetwork]] = {
     "gru_additive_deep": lambda: RecurrentSeq2Seq(
-        **SEPARATE, **RNN, cell="gru", attention="additive", encoder_layers=2, decoder_layers=3
+        **SEPARATE, **RNN, cell="gru", attention="additive", encoder_layers=2, decoder_layers=3, tie_output=False
     ),
     "lstm_multiplicative": lambda: RecurrentSeq2Seq(
-        **SEPARATE, **RNN, cell="lstm", attention="multiplicative", encoder_layers=3, decoder_layers=2
+        **SEPARATE, **RNN, cell="lstm", attention="multiplicative", encoder_layers=3, decoder_layers=2, tie_output=False
     ),
     "gru_multiplicative_unidirectional_tied_shared": lambda: RecurrentSeq2Seq(
         **JOINT,
@@ -217,9 +217,13 @@ SMALL_RNN = {"embedding_dim": 32, "hidden_size": 64, "encoder_layers": 1, "decod
 SMALL_TRANSFORMER = {"n_embd": 32, "n_head": 4, "encoder_layers": 2, "decoder_layers": 2, "dropout": 0.0}
 # a network, its Adam steps and learning rate (each learns the task from any of several seeds, not just this one)
 LEARNERS = {
-    "gru_additive": (lambda: RecurrentSeq2Seq(**JOINT, **SMALL_RNN, cell="gru", attention="additive"), 200, 3e-3),
+    "gru_additive": (
+        lambda: RecurrentSeq2Seq(**JOINT, **SMALL_RNN, cell="gru", attention="additive", tie_output=False),
+        200,
+        3e-3,
+    ),
     "lstm_multiplicative": (
-        lambda: RecurrentSeq2Seq(**JOINT, **SMALL_RNN, cell="lstm", attention="multiplicative"),
+        lambda: RecurrentSeq2Seq(**JOINT, **SMALL_RNN, cell="lstm", attention="multiplicative", tie_output=False),
         200,
         3e-3,
     ),
@@ -264,16 +268,19 @@ def test_network_learns_to_reverse_sequences(name: str) -> None:
     ("build", "message"),
     [
         (
-            lambda: RecurrentSeq2Seq(**SEPARATE, share_embeddings=True),
+            lambda: RecurrentSeq2Seq(**SEPARATE, cell="lstm", attention="multiplicative", share_embeddings=True),
             r"model\.share_embeddings=true needs one vocabulary .* data\.joint_vocabulary=true",
         ),
         (
             lambda: TransformerSeq2Seq(**SEPARATE, n_embd=16, n_head=2, share_embeddings=True),
             r"model\.share_embeddings=true .* data\.joint_vocabulary=true",
         ),
-        (lambda: RecurrentSeq2Seq(**JOINT, cell="rnn"), r"model\.cell must be one of lstm, gru, got 'rnn'"),
         (
-            lambda: RecurrentSeq2Seq(**JOINT, attention="dot"),
+            lambda: RecurrentSeq2Seq(**JOINT, cell="rnn", attention="multiplicative"),
+            r"model\.cell must be one of lstm, gru, got 'rnn'",
+        ),
+        (
+            lambda: RecurrentSeq2Seq(**JOINT, cell="lstm", attention="dot"),
             r"model\.attention must be one of additive, multiplicative, got 'dot'",
         ),
         (

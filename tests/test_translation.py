@@ -303,6 +303,9 @@ def test_eval_on_other_data_keeps_the_checkpoints_direction(tmp_path: Path, make
     assert on_its_own == whole and on_its_own != left_out
     recorded = json.loads((tmp_path / "eval2" / "metrics.json").read_text())["data"]["source"]["test_files"]
     assert recorded == str(other)
+    # the training and validation files need not be there: only the file scored is read
+    for split in ("train", "val"):
+        (pairs / f"{split}.jsonl").rename(tmp_path / f"gone-{split}.jsonl")
     cli = Command(
         [script("lmlab-eval"), f"ckpt_path={ckpt}", f"data.source.test_files={other}", "splits=[test]"],
         tmp_path,

@@ -51,6 +51,7 @@ def lmlab_main(
         def run() -> Any:
             sys.argv[1:] = _as_overlays(sys.argv[1:], overlays)
             if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
+                _hide_bases_from_completion()
                 _complete_models_of_the_task()
             with hydra_errors():
                 return hydra_main()
@@ -69,6 +70,33 @@ def _as_overlays(args: list[str], groups: tuple[str, ...]) -> list[str]:
             arg = "++" + arg
         out.append(arg)
     return out
+
+
+def _hide_bases_from_completion() -> None:
+    """Shell completion offers no bases: Hydra's own completion offers ``data/base=`` (a folder of ``conf/data``
+    is a group to Hydra) and then each base as an option of it."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.object_type import ObjectType
+
+    from lmlab.config import BASE_FOLDER, is_base
+
+    list_options = ConfigLoaderImpl.get_group_options
+
+    def get_group_options(
+        self: ConfigLoaderImpl,
+        group_name: str,
+        results_filter: ObjectType | None = ObjectType.CONFIG,
+        config_name: str | None = None,
+        overrides: list[str] | None = None,
+    ) -> list[str]:
+        if is_base(f"{group_name}/"):  # data/base, or a folder inside it
+            return []
+        options = list_options(self, group_name, results_filter, config_name, overrides)
+        if group_name and results_filter == ObjectType.GROUP:
+            options = [option for option in options if option != BASE_FOLDER]
+        return options
+
+    ConfigLoaderImpl.get_group_options = get_group_options  # type: ignore[method-assign]
 
 
 def _complete_models_of_the_task() -> None:

@@ -58,7 +58,6 @@ class TrainSchema:
     callbacks: Any = None
     logger: Any = None
     paths: Any = None
-    extras: Any = None
 
 
 def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
@@ -83,16 +82,10 @@ def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
 
 def check_task_data(cfg: DictConfig) -> None:
     """The data option must build the data module the task reads (``TaskModule.data_module``)."""
-    task_target = OmegaConf.select(cfg, "task.module._target_")
-    data_target = OmegaConf.select(cfg, "data._target_")
-    if not task_target or not data_target:
+    wanted, given = _located(cfg, "task.module._target_", "data_module"), _located(cfg, "data._target_")
+    if not isinstance(wanted, type) or not isinstance(given, type) or issubclass(given, wanted):
         return
-    try:
-        wanted, given = locate(locate(str(task_target)).data_module), locate(str(data_target))
-    except (ImportError, AttributeError):
-        return  # an unimportable target is reported by check_targets
-    if isinstance(given, type) and issubclass(given, wanted):
-        return
+    task_target, data_target = OmegaConf.select(cfg, "task.module._target_"), OmegaConf.select(cfg, "data._target_")
     options = [name for name, target in data_options().items() if target == f"{wanted.__module__}.{wanted.__name__}"]
     raise ConfigError(
         f"data={_choice('data') or data_target} is data for another task: task={_choice('task') or task_target} "
@@ -101,16 +94,35 @@ def check_task_data(cfg: DictConfig) -> None:
 
 
 def check_task_model(cfg: DictConfig) -> None:
-    """A model option that another task lists (``task.models``) is refused before it fails inside the network."""
-    model, listed = _choice("model"), OmegaConf.select(cfg, "task.models")
-    if not model or not listed or model in listed:
-        return
-    owners = [task for task, models in task_models().items() if model in models]
-    if owners:
+    """A model that another task lists (``task.models``), or a network of another kind than the task trains
+    (``TaskModule.network``: a language model, a classifier, an encoder-decoder), is refused before any work,
+    naming the task's model options."""
+    model, listed = _choice("model"), list(OmegaConf.select(cfg, "task.models") or [])
+    task = _choice("task") or OmegaConf.select(cfg, "task.module._target_")
+    pick = f"Pick one of model={'|'.join(listed)}"
+    if model and model not in listed:
+        owners = [name for name, models in task_models().items() if model in models]
+        if owners:
+            raise ConfigError(f"model={model} is a model for task={owners[0]}, not task={task}. {pick}.")
+    wanted, given = _located(cfg, "task.module._target_", "network"), _located(cfg, "model._target_")
+    if isinstance(wanted, type) and isinstance(given, type) and not issubclass(given, wanted):
         raise ConfigError(
-            f"model={model} is a model for task={owners[0]}, not task={_choice('task') or 'this task'}. "
-            f"Pick one of model={'|'.join(listed)}."
+            f"model={model or given.__name__} is not a {wanted.__name__}, the kind of network task={task} trains "
+            f"({wanted.__module__}). {pick}, or give a network that subclasses {wanted.__name__}."
         )
+
+
+def _located(cfg: DictConfig, key: str, attribute: str | None = None) -> Any:
+    """The object the ``_target_`` at ``key`` names (or its ``attribute``, a dotted path too); ``None`` when it
+    cannot be imported, which :func:`check_targets` reports."""
+    target = OmegaConf.select(cfg, key)
+    if not target:
+        return None
+    try:
+        obj = locate(str(target))
+        return locate(str(getattr(obj, attribute))) if attribute else obj
+    except (ImportError, AttributeError):
+        return None
 
 
 def task_models() -> dict[str, list[str]]:
@@ -276,10 +288,20 @@ _KEYS_ONLY_GROUPS = {"hydra", "paths"}
 _SETS_OF_PIECES = {"callbacks"}
 
 
+#: a folder of this name inside a config group holds the bases that the group's options build on
+#: (``conf/data/base/translation.yaml``, in the defaults list of ``data=multi30k``): not options to pick
+BASE_FOLDER = "base"
+
+
+def is_base(option: str) -> bool:
+    """``base/translation`` (an option's name within its group) is a base that options build on."""
+    return BASE_FOLDER in option.split("/")[:-1]
+
+
 def user_options(config_name: str) -> str:
     """``group: option, ...`` for each group of ``config_name`` (``train``, ``eval``, ...), listing only the
-    options a user picks: not the pieces the callback sets are made of, nor a ``default`` base that the
-    group's real default builds on (``trainer: default`` under ``trainer: cpu``)."""
+    options a user picks: not the pieces the callback sets are made of, nor the bases options build on
+    (``data: base/lm``, and ``trainer: default`` under ``trainer: cpu``)."""
     root = Path(config_dir())
     defaults = OmegaConf.load(root / f"{config_name}.yaml").get("defaults", [])
     chosen = {str(k): v for entry in defaults if isinstance(entry, DictConfig) for k, v in entry.items()}
@@ -291,7 +313,7 @@ def user_options(config_name: str) -> str:
         for path in sorted((root / group).rglob("*.yaml")):
             name = path.relative_to(root / group).with_suffix("").as_posix()
             piece = group in _SETS_OF_PIECES and _top_keys(path) == [name]
-            base = name == "default" and chosen[group] != "default"
+            base = is_base(name) or (name == "default" and chosen[group] != "default")
             if not (piece or base):
                 options.append(name)
         lines.append(f"{group}: {', '.join(options)}")

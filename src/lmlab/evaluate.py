@@ -39,9 +39,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         check_matches(run_cfg, to_plain(cfg.model), "model", cfg.ckpt_path)
     data_cfg = evaluation_data(cfg, run_cfg, task)
     with _training_files_named(data_cfg, cfg.ckpt_path):
-        datamodule = instantiate(data_cfg, **task.datamodule_kwargs())
+        datamodule = instantiate(data_cfg, **task.datamodule_kwargs(), splits=list(cfg.splits))
         datamodule.prepare_data()
     datamodule.setup("validate")
+    task.observe_data(datamodule.data_info)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False)
     metrics: dict[str, float] = {}
     for split in cfg.splits:
@@ -112,8 +113,8 @@ def _check_overlay_source(trained: dict[str, Any], overlay: DictConfig, ckpt_pat
 
 @contextlib.contextmanager
 def _training_files_named(data: DictConfig, ckpt_path: str) -> Iterator[None]:
-    """The data module reads the training split besides the splits scored: when the checkpoint's training files
-    are gone, say that they are the checkpoint's and how to point at them."""
+    """A split scored but drawn from the training split (``val_fraction``) needs the training files: when the
+    checkpoint's are gone, say that they are the checkpoint's and how to point at them."""
     try:
         yield
     except DataError as err:
@@ -121,8 +122,9 @@ def _training_files_named(data: DictConfig, ckpt_path: str) -> Iterator[None]:
             raise
         raise DataError(
             f"{err} These are the training files '{ckpt_path}' was trained on "
-            f"(data.source.train_files={OmegaConf.select(data, 'source.train_files')}); lmlab-eval reads them "
-            "besides the files it scores. Put them back, or name where they are now: data.source.train_files=..."
+            f"(data.source.train_files={OmegaConf.select(data, 'source.train_files')}); a split drawn from them "
+            "(data.source.val_fraction / test_fraction) needs them. Put them back, name where they are now "
+            "(data.source.train_files=...), or name the file to score (data.source.test_files=...)."
         ) from None
 
 

@@ -9,7 +9,7 @@ not. What loading a checkpoint must know about the task without importing it is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,11 @@ def _task_layout(net: nn.Module, compiled: bool) -> nn.Module:
 
 class LanguageModel:
     """A network that maps token ids to next-token logits, and the tokenizer it was trained with."""
+
+    #: the options :meth:`infer` takes (those of :meth:`generate_text`)
+    infer_options = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "num_samples", "stop_at_eos")
+    #: inference writes one record per non-blank input line
+    aligned_output = False
 
     def __init__(self, net: nn.Module, tokenizer: Tokenizer | None) -> None:
         self.net, self.tokenizer = net, tokenizer
@@ -106,6 +111,10 @@ class LanguageModel:
         finally:
             self.net.train(was_training)
         return [self._continuation(ids, row.tolist()) for row in out]
+
+    def infer(self, prompts: Sequence[str], **options: Any) -> list[dict[str, list[str]]]:
+        """The samples of :meth:`generate_text` continuing each prompt in turn."""
+        return [{"samples": self.generate_text(prompt, **options)} for prompt in prompts]
 
     def _continuation(self, prompt_ids: list[int], ids: list[int]) -> str:
         """The text after the prompt, as the tokenizer writes the whole sequence: decoding the new tokens

@@ -1,20 +1,29 @@
-"""``lmlab-predict ckpt_path=... input=texts.txt``: classify each line of a file (or of stdin).
+"""``lmlab-predict ckpt_path=... input=texts.txt``: what a checkpoint's task makes of each line of a file (or stdin).
 
-Writes one JSON object per non-blank input line: ``{"line": n, "label": ..., "probs": {label: p}}``.
-Texts are encoded exactly as the checkpoint's training data was (tokenizer, truncation length,
-special tokens) and run in length-sorted batches.
+The checkpoint says its task, and the task says what it makes of a text:
+
+- a **classifier**: one JSON object per non-blank line, ``{"line": n, "label": ..., "probs": {label: p}}``;
+- a **language model**: one JSON object per non-blank line, ``{"line": n, "samples": [continuation, ...]}``
+  (each line a prompt; the options of ``lmlab-generate``);
+- a **translation model**: one output line per input line, a blank line for a blank line (the options of
+  ``lmlab-translate``).
+
+Texts are encoded exactly as the checkpoint's training data was. An option the task does not take is an error
+naming the options it takes. ``lmlab-generate`` and ``lmlab-translate`` are the same inference with their own
+input conventions.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 import torch
 from omegaconf import DictConfig
 
-from lmlab.checkpoint import load_task
+from lmlab.checkpoint import load_language_model
 from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import user_errors
@@ -22,45 +31,75 @@ from lmlab.textio import open_output, read_input_lines
 
 log = logging.getLogger("lmlab")
 
+#: every option of the tasks' inference that predict.yaml carries (null: the task's default)
+OPTIONS = (
+    "batch_size",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "num_samples",
+    "stop_at_eos",
+    "beam_size",
+    "length_penalty",
+    "max_length_ratio",
+    "max_length_offset",
+)
 
-def read_texts(source: str | None) -> list[tuple[int, str]]:
-    """``(line number, text)`` of every non-blank line of a file, or of stdin for ``None``/``-``."""
-    lines = list(enumerate(read_input_lines(source), start=1))
-    texts = [(n, line) for n, line in lines if line.strip()]
-    blank = len(lines) - len(texts)
-    if blank:
-        log.warning("Skipped %d blank input line(s); each output line carries its input line number.", blank)
-    return texts
+
+def load_predictor(ckpt_path: str, device: str) -> Any:
+    """What infers for the checkpoint's task: a language model is loaded without Lightning (fast), any other
+    task as its LightningModule."""
+    return load_language_model(ckpt_path, map_location=torch.device(device))[0]
 
 
-def predict(cfg: DictConfig) -> list[dict[str, Any]]:
+def task_options(predictor: Any, cfg: DictConfig, keys: Sequence[str] = OPTIONS) -> dict[str, Any]:
+    """The options given (not null) among ``keys``; one the task does not take is an error."""
+    given = {key: cfg[key] for key in keys if cfg.get(key) is not None}
+    taken = predictor.infer_options
+    foreign = sorted(set(given) - set(taken))
+    if foreign:
+        raise ConfigError(
+            f"{foreign[0]}: this checkpoint's task ({type(predictor).__name__}) takes no such option; "
+            f"it takes {', '.join(taken)}."
+        )
+    return given
+
+
+def predict(cfg: DictConfig) -> list[Any]:
+    """The outputs for ``cfg.input``: a line of text each for an aligned task, else a record each, with its line."""
     validate_config(cfg, schema=None)
     check_devices(cfg)
-    task, _ = load_task(cfg.ckpt_path, map_location=torch.device(cfg.device))
-    if not hasattr(task, "predict_proba"):
-        raise ConfigError(f"'{cfg.ckpt_path}' is not a text-classification checkpoint; lmlab-predict needs one.")
-    numbered = read_texts(cfg.input)
-    probs = task.predict_proba([text for _, text in numbered], batch_size=cfg.batch_size)
-    labels = task.labels
-    return [
-        {"line": n, "label": labels[int(row.argmax())], "probs": dict(zip(labels, row.tolist(), strict=True))}
-        for (n, _), row in zip(numbered, probs, strict=True)
-    ]
+    predictor = load_predictor(cfg.ckpt_path, cfg.device)
+    options = task_options(predictor, cfg)
+    lines = read_input_lines(cfg.input)
+    if predictor.aligned_output:
+        return predictor.infer(lines, **options)
+    numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
+    if len(numbered) < len(lines):
+        log.warning(
+            "Skipped %d blank input line(s); each output line carries its input line number.",
+            len(lines) - len(numbered),
+        )
+    records = predictor.infer([text for _, text in numbered], **options)
+    return [{"line": n, **record} for (n, _), record in zip(numbered, records, strict=True)]
 
 
-def write_jsonl(records: list[dict[str, Any]], out: TextIO) -> None:
-    for record in records:
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+def write_lines(outputs: Sequence[Any], out: TextIO) -> None:
+    """One line per output: text as it is, a record as JSON."""
+    for output in outputs:
+        out.write((output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)) + "\n")
 
 
 def run(cfg: DictConfig) -> None:
     with user_errors():
-        records = predict(cfg)
+        outputs = predict(cfg)
     with open_output(cfg.output) as out:
-        write_jsonl(records, out)
+        write_lines(outputs, out)
 
 
 if __name__ == "__main__":
-    from lmlab.cli import predict
+    from lmlab.cli import predict as main
 
-    predict()
+    main()

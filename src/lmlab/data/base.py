@@ -1,10 +1,11 @@
-"""What every task's data module shares: the tokenized-data cache, loaders with their own seeded
-generators, sharding across processes, and the data position saved for exact resume."""
+"""What every task's data module shares: the tokenized-data cache (built once, with the tokenizer and meta data
+beside the splits), loaders with their own seeded generators, sharding across processes, and the data position
+saved for exact resume. A task's data module says how a split is read and encoded and how it is batched."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
+from lmlab.data.batching import EpochBatchSampler
 from lmlab.data.cache import cache_key, cached_dir
+from lmlab.data.storage import as_batch
 from lmlab.errors import DataError
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
@@ -34,14 +37,22 @@ def tokenizer_spec_key(spec: TokenizerBuilder | Tokenizer) -> dict[str, Any]:
 
 
 class TaskDataModule(L.LightningDataModule):
-    """Base data module: subclasses give :meth:`cache_parts`, :meth:`build_cache` and the loaders.
+    """Base data module. A task's data module gives
 
-    ``tokenizer`` is either a builder, trained on the training split when the cache is built, or a
-    ready :class:`Tokenizer` (the one saved in a checkpoint, for evaluation and resume).
+    - :meth:`cache_parts`: its settings that decide the cached content;
+    - :meth:`fit_tokenizer`: the tokenizer, trained on the training split unless one is given;
+    - :meth:`encode_split`: writes one split into the cache and returns what the meta data records of it;
+    - :meth:`open_split`: the dataset of a cached split;
+    - :meth:`train_sampler` and :meth:`eval_sampler`: batch samplers (:class:`EpochBatchSampler`).
+
+    ``tokenizer`` is either a builder, trained on the training split when the cache is built, or a ready
+    :class:`Tokenizer` (the one saved in a checkpoint, for evaluation and resume). ``splits`` limits what is
+    read (``None``: every split the source has); scoring a checkpoint reads only the splits it scores.
     """
 
     def __init__(
         self,
+        source: Any,
         tokenizer: TokenizerBuilder | Tokenizer,
         batch_size: int,
         eval_batch_size: int | None,
@@ -49,39 +60,100 @@ class TaskDataModule(L.LightningDataModule):
         pin_memory: bool,
         cache_dir: str,
         seed: int,
+        splits: Collection[str] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"data.batch_size must be positive, got {batch_size}.")
+        self.source = source
         self.tokenizer_spec = tokenizer
         self.tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.cache_root, self.seed = cache_dir, seed
+        self.splits = sorted(splits) if splits is not None else None
         self.meta: dict[str, Any] = {}
         self.datasets: dict[str, Dataset] = {}
         self._cache: Path | None = None
         self._resume: tuple[int, int] | None = None
 
-    # -- the cache ----------------------------------------------------------------------------
+    # -- what a task's data module gives ----------------------------------------------------------
     def cache_parts(self) -> dict[str, Any]:
-        """Everything besides the tokenizer that decides the cached content."""
+        """The settings besides the source and the tokenizer that decide the cached content."""
         raise NotImplementedError
 
-    def build_cache(self, folder: Path) -> None:
-        """Tokenize every split into ``folder``; must write ``tokenizer.json`` and ``meta.json``."""
+    def read_splits(self) -> dict[str, Any]:
+        """The splits to encode, from the source (a source of its own that reads every split needs no
+        ``splits`` argument)."""
+        return self.source.load() if self.splits is None else self.source.load(self.splits)
+
+    def fit_tokenizer(self, splits: dict[str, Any]) -> Tokenizer:
+        """A tokenizer the configured builder trains on the training split (:meth:`train_tokenizer`)."""
         raise NotImplementedError
 
+    def given_tokenizer(self, tokenizer: Tokenizer) -> Tokenizer:
+        """The tokenizer given ready-made (a checkpoint's), in the form the task's encoding uses."""
+        return tokenizer
+
+    def describe(self, splits: dict[str, Any]) -> dict[str, Any]:
+        """Meta data that holds for all splits (e.g. the label set), decided before they are encoded."""
+        return {}
+
+    def encode_split(self, folder: Path, name: str, data: Any, tokenizer: Tokenizer, meta: dict[str, Any]) -> dict:
+        """Write split ``name`` into ``folder``; returns what ``meta.json`` records of it."""
+        raise NotImplementedError
+
+    def open_split(self, folder: Path, name: str) -> Dataset:
+        """The dataset of a split written by :meth:`encode_split`."""
+        raise NotImplementedError
+
+    def report(self, name: str, info: dict[str, Any]) -> None:
+        """Warn about what encoding left out or cut (``info``: what :meth:`encode_split` returned)."""
+
+    def train_sampler(self, data: Any, rank: int, world: int) -> EpochBatchSampler:
+        raise NotImplementedError
+
+    def eval_sampler(self, data: Any, rank: int, world: int) -> Iterable[list[int]]:
+        raise NotImplementedError
+
+    def too_few_message(self, data: Any, world: int) -> str:
+        """Why the training split gives no batch to each of ``world`` processes, and the fix."""
+        return f"The train split is too small for {world} process(es) at this batch size. Lower data.batch_size."
+
+    def missing_split_message(self, split: str) -> str:
+        """The error for evaluating a split the data does not have."""
+        return (
+            f"The data has no {split} split. Give data.source.{'val' if split == 'validation' else split}_files, "
+            "or set data.source.val_fraction / test_fraction to draw it from the training split."
+        )
+
+    # -- the cache ----------------------------------------------------------------------------
     def _key(self) -> str:
-        return cache_key({**self.cache_parts(), "tokenizer": tokenizer_spec_key(self.tokenizer_spec)})
+        return cache_key(
+            {
+                **self.cache_parts(),
+                "source": self.source.fingerprint() if self.splits is None else self.source.fingerprint(self.splits),
+                "splits": self.splits,
+                "tokenizer": tokenizer_spec_key(self.tokenizer_spec),
+            }
+        )
 
     def prepare_data(self) -> None:
         self._cache = cached_dir(self.cache_root, self._key(), self.build_cache)
 
+    def build_cache(self, folder: Path) -> None:
+        """Encode every split into ``folder``, beside ``tokenizer.json`` and ``meta.json``."""
+        splits = self.read_splits()
+        meta = self.describe(splits)
+        tokenizer = self.fit_tokenizer(splits) if self.tokenizer is None else self.given_tokenizer(self.tokenizer)
+        meta["splits"] = {name: self.encode_split(folder, name, data, tokenizer, meta) for name, data in splits.items()}
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer.state()))
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
     def train_tokenizer(self, texts: Iterable[str]) -> Tokenizer:
-        """The given tokenizer, or one trained on the training texts by the configured builder."""
-        return self.tokenizer or self.tokenizer_spec(texts)  # type: ignore[operator]
+        """A tokenizer trained on ``texts`` by the configured builder."""
+        return self.tokenizer_spec(texts)  # type: ignore[operator]
 
     def open_cache(self) -> Path:
         """The cache folder, with the tokenizer and meta data loaded from it."""
@@ -93,31 +165,56 @@ class TaskDataModule(L.LightningDataModule):
         self.meta = json.loads((self._cache / "meta.json").read_text())
         return self._cache
 
+    def setup(self, stage: str | None = None) -> None:
+        cache = self.open_cache()
+        for name, info in self.meta["splits"].items():
+            self.report(name, info)
+            dataset = self.open_split(cache, name)
+            if dataset is not None:
+                self.datasets[name] = dataset
+
     # -- serving ---------------------------------------------------------------------------
     def rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def loader(self, data: Dataset, collate_fn: Callable[[Any], Any], **kwargs: Any) -> DataLoader:
+    def loader(self, data: Dataset, batch_sampler: Iterable[list[int]]) -> DataLoader:
         """A DataLoader with its own generator: otherwise every pass over a loader (each epoch, each
         validation) draws from the global RNG, which a run resumed past that point would not repeat."""
         return DataLoader(
             data,
-            collate_fn=collate_fn,
+            batch_sampler=batch_sampler,
+            collate_fn=as_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             generator=torch.Generator().manual_seed(self.seed),
-            **kwargs,
         )
 
     def has_split(self, split: str) -> bool:
         return split in self.datasets
 
-    def take_resume(self) -> tuple[int, int] | None:
-        """``(epoch, batches done)`` to skip once in the next training loader, set by a resumed checkpoint."""
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self.rank_world()
+        data = self.datasets["train"]
+        sampler = self.train_sampler(data, rank, world)
+        if sampler.per_rank < 1:
+            raise DataError(self.too_few_message(data, world))
         resume, self._resume = self._resume, None
-        return resume
+        if resume is not None:
+            sampler.resume_at(*resume)
+        return self.loader(data, sampler)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        if split not in self.datasets:
+            raise DataError(self.missing_split_message(split))
+        return self.loader(self.datasets[split], self.eval_sampler(self.datasets[split], *self.rank_world()))
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
 
     # -- exact resume of the data position ---------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -139,13 +139,12 @@ class TokenBudgetBatchSampler(EpochBatchSampler):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        max_sentences: int | None = None,
     ) -> None:
         super().__init__(len(lengths), shuffle, seed, rank, world_size)
         longest = int(lengths.max()) if len(lengths) else 0
         if max_tokens < longest:
             raise ValueError(f"max_tokens={max_tokens} is smaller than the longest example ({longest} tokens)")
-        self.lengths, self.max_tokens, self.max_sentences = lengths, max_tokens, max_sentences
+        self.lengths, self.max_tokens = lengths, max_tokens
         self.bounds = self._bounds(np.sort(lengths)[::-1])
 
     def _bounds(self, sorted_lengths: np.ndarray) -> list[tuple[int, int]]:
@@ -153,8 +152,6 @@ class TokenBudgetBatchSampler(EpochBatchSampler):
         bounds, start = [], 0
         while start < len(sorted_lengths):
             fit = self.max_tokens // int(sorted_lengths[start])
-            if self.max_sentences:
-                fit = min(fit, self.max_sentences)
             bounds.append((start, min(start + fit, len(sorted_lengths))))
             start += fit
         return bounds

@@ -7,19 +7,18 @@ a pool and cut into batches, whose order is shuffled again.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.batching import BucketBatchSampler, pad_batch
+from lmlab.data.storage import BatchedDataset, RaggedIds, save_ragged
 from lmlab.data.tables import SplitTable, TableSource
 from lmlab.errors import DataError
 from lmlab.registry import register
@@ -42,42 +41,23 @@ def pad_id_of(tokenizer: Tokenizer) -> int:
     return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.vocab_size
 
 
-class EncodedTexts(Dataset):
-    """One split of token ids (flat, with offsets) and class indices, memory-mapped from the cache."""
+class EncodedTexts(BatchedDataset):
+    """One split of token ids (ragged) and class indices, from the cache."""
 
     def __init__(self, folder: Path, split: str, pad_id: int) -> None:
-        self.folder, self.split, self.pad_id = folder, split, pad_id
-        self.offsets = np.load(folder / f"{split}.offsets.npy")
+        self.texts, self.pad_id = RaggedIds(folder, split), pad_id
         self.labels = torch.from_numpy(np.load(folder / f"{split}.labels.npy"))
-        self._ids: np.ndarray | None = None
-
-    @property
-    def ids(self) -> np.ndarray:
-        if self._ids is None:  # opened lazily so DataLoader workers each map the file themselves
-            self._ids = np.load(self.folder / f"{self.split}.ids.npy", mmap_mode="r")
-        return self._ids
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        return self.texts.lengths
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, index: int) -> TextBatch:
-        return self.__getitems__([index])
+        return len(self.texts)
 
     def __getitems__(self, indices: list[int]) -> TextBatch:
-        ids, lengths = pad_batch([self.ids[self.offsets[i] : self.offsets[i + 1]] for i in indices], self.pad_id)
+        ids, lengths = pad_batch(self.texts.rows(indices), self.pad_id)
         return TextBatch(ids, lengths, self.labels[indices])
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_ids": None}
-
-
-def _as_batch(batch: TextBatch) -> TextBatch:
-    """Collate for :meth:`EncodedTexts.__getitems__`, which already returns a padded batch."""
-    return batch
 
 
 @register("data")
@@ -102,8 +82,11 @@ class ClassificationDataModule(TaskDataModule):
         pin_memory: bool = False,
         cache_dir: str = ".cache/lmlab",
         seed: int = 1337,
+        splits: Collection[str] | None = None,
     ) -> None:
-        super().__init__(tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed)
+        super().__init__(
+            source, tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed, splits
+        )
         if max_length < 1:
             raise DataError(f"data.max_length must be positive, got {max_length}.")
         missing = {"text", "label"} - set(source.columns)
@@ -112,7 +95,7 @@ class ClassificationDataModule(TaskDataModule):
                 f"data.source.columns needs a column name for {sorted(missing)} "
                 "(e.g. data.source.columns.text=review data.source.columns.label=sentiment)."
             )
-        self.source, self.max_length, self.bucket_batches = source, max_length, bucket_batches
+        self.max_length, self.bucket_batches = max_length, bucket_batches
         self.add_special_tokens = add_special_tokens
         self.fixed_labels = [str(label) for label in labels] if labels is not None else None
 
@@ -120,71 +103,68 @@ class ClassificationDataModule(TaskDataModule):
     def cache_parts(self) -> dict[str, Any]:
         return {
             "task": "classification",
-            "source": self.source.fingerprint(),
             "max_length": self.max_length,
             "special": self.add_special_tokens,
             "labels": self.fixed_labels,
         }
 
-    def build_cache(self, folder: Path) -> None:
-        splits = self.source.load()
-        splits = {name: table for name, table in splits.items() if _has_labels(table, name)}
-        texts = {name: _texts(table) for name, table in splits.items()}
-        labels = self.fixed_labels or _label_names(splits["train"], self.source.columns["label"])
-        tokenizer = self.train_tokenizer(t for t in texts["train"] if t)
-        meta: dict[str, Any] = {"labels": labels, "splits": {}}
-        for name, table in splits.items():
-            keep = [i for i, t in enumerate(texts[name]) if t.strip()]
-            targets = _label_indices(
-                [table.columns["label"][i] for i in keep],
-                table,
-                labels,
-                name,
-                self.source.columns["label"],
-                self.fixed_labels is not None,
+    def read_splits(self) -> dict[str, SplitTable]:
+        return {name: table for name, table in super().read_splits().items() if _has_labels(table, name)}
+
+    def describe(self, splits: dict[str, SplitTable]) -> dict[str, Any]:
+        return {"labels": self.fixed_labels or _label_names(splits["train"], self.source.columns["label"])}
+
+    def fit_tokenizer(self, splits: dict[str, SplitTable]) -> Tokenizer:
+        return self.train_tokenizer(t for t in _texts(splits["train"]) if t)
+
+    def encode_split(
+        self, folder: Path, name: str, data: SplitTable, tokenizer: Tokenizer, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        texts = _texts(data)
+        keep = [i for i, t in enumerate(texts) if t.strip()]
+        targets = _label_indices(
+            [data.columns["label"][i] for i in keep],
+            data,
+            meta["labels"],
+            name,
+            self.source.columns["label"],
+            self.fixed_labels is not None,
+        )
+        ids, truncated = tokenizer.encode_batch([texts[i] for i in keep], self.max_length, self.add_special_tokens)
+        nonempty = [i for i, seq in enumerate(ids) if seq]
+        ids, targets = [ids[i] for i in nonempty], targets[nonempty]
+        if not ids:
+            raise DataError(
+                f"Every text of the {name} split ({data.origin}) is empty. "
+                f"Check data.source.columns.text ('{self.source.columns['text']}')."
             )
-            ids, truncated = tokenizer.encode_batch(
-                [texts[name][i] for i in keep], self.max_length, self.add_special_tokens
-            )
-            nonempty = [i for i, seq in enumerate(ids) if seq]
-            ids, targets = [ids[i] for i in nonempty], targets[nonempty]
-            if not ids:
-                raise DataError(
-                    f"Every text of the {name} split ({table.origin}) is empty. "
-                    f"Check data.source.columns.text ('{self.source.columns['text']}')."
-                )
-            dtype = np.uint16 if pad_id_of(tokenizer) < np.iinfo(np.uint16).max else np.int32
-            np.save(folder / f"{name}.ids.npy", np.fromiter((t for s in ids for t in s), dtype=dtype))
-            np.save(folder / f"{name}.offsets.npy", np.cumsum([0] + [len(s) for s in ids], dtype=np.int64))
-            np.save(folder / f"{name}.labels.npy", targets)
-            counts = np.bincount(targets, minlength=len(labels))
-            meta["splits"][name] = {
-                "origin": table.origin,
-                "examples": len(ids),
-                "empty": len(table) - len(ids),
-                "truncated": truncated,
-                "label_counts": counts.tolist(),
-            }
-        (folder / "tokenizer.json").write_text(json.dumps(tokenizer.state()))
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+        save_ragged(folder, name, ids, tokenizer.vocab_size)
+        np.save(folder / f"{name}.labels.npy", targets)
+        return {
+            "origin": data.origin,
+            "examples": len(ids),
+            "empty": len(data) - len(ids),
+            "truncated": truncated,
+            "label_counts": np.bincount(targets, minlength=len(meta["labels"])).tolist(),
+        }
 
     # -- serving ---------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        cache = self.open_cache()
+    def report(self, name: str, info: dict[str, Any]) -> None:
+        if info["empty"]:
+            log.warning("%d empty text(s) in the %s split (%s) were left out.", info["empty"], name, info["origin"])
+        if info["truncated"]:
+            log.warning(
+                "%d of %d %s texts were longer than data.max_length=%d tokens and were truncated; "
+                "raise data.max_length to keep more of them.",
+                info["truncated"],
+                info["examples"],
+                name,
+                self.max_length,
+            )
+
+    def open_split(self, folder: Path, name: str) -> EncodedTexts:
         assert self.tokenizer is not None
-        for name, info in self.meta["splits"].items():
-            if info["empty"]:
-                log.warning("%d empty text(s) in the %s split (%s) were left out.", info["empty"], name, info["origin"])
-            if info["truncated"]:
-                log.warning(
-                    "%d of %d %s texts were longer than data.max_length=%d tokens and were truncated; "
-                    "raise data.max_length to keep more of them.",
-                    info["truncated"],
-                    info["examples"],
-                    name,
-                    self.max_length,
-                )
-            self.datasets[name] = EncodedTexts(cache, name, pad_id_of(self.tokenizer))
+        return EncodedTexts(folder, name, pad_id_of(self.tokenizer))
 
     @property
     def labels(self) -> list[str]:
@@ -206,36 +186,23 @@ class ClassificationDataModule(TaskDataModule):
             "label_counts": train.get("label_counts"),
         }
 
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self.rank_world()
-        data = self.datasets["train"]
-        sampler = BucketBatchSampler(data.lengths, self.batch_size, True, self.seed, self.bucket_batches, rank, world)
-        if sampler.per_rank < 1:
-            raise DataError(
-                f"The train split has {len(data)} examples: too few for {world} processes at "
-                f"data.batch_size={self.batch_size}. Lower data.batch_size."
-            )
-        resume = self.take_resume()
-        if resume is not None:
-            sampler.resume_at(*resume)
-        return self.loader(data, _as_batch, batch_sampler=sampler)
+    def train_sampler(self, data: EncodedTexts, rank: int, world: int) -> BucketBatchSampler:
+        return BucketBatchSampler(data.lengths, self.batch_size, True, self.seed, self.bucket_batches, rank, world)
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        if split not in self.datasets:
-            raise DataError(
-                f"The data has no labelled {split} split. Give data.source.val_files / test_files, "
-                "or set data.source.val_fraction to draw validation examples from the training split."
-            )
-        data = self.datasets[split]
-        rank, world = self.rank_world()
-        sampler = BucketBatchSampler(data.lengths, self.eval_batch_size, False, rank=rank, world_size=world)
-        return self.loader(data, _as_batch, batch_sampler=sampler)
+    def too_few_message(self, data: EncodedTexts, world: int) -> str:
+        return (
+            f"The train split has {len(data)} examples: too few for {world} processes at "
+            f"data.batch_size={self.batch_size}. Lower data.batch_size."
+        )
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
+    def eval_sampler(self, data: EncodedTexts, rank: int, world: int) -> BucketBatchSampler:
+        return BucketBatchSampler(data.lengths, self.eval_batch_size, False, rank=rank, world_size=world)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+    def missing_split_message(self, split: str) -> str:
+        return (
+            f"The data has no labelled {split} split. Give data.source.val_files / test_files, "
+            "or set data.source.val_fraction to draw validation examples from the training split."
+        )
 
 
 def _texts(table: SplitTable) -> list[str]:

@@ -7,7 +7,7 @@ read with Hugging Face ``datasets`` after the same checks.
 from __future__ import annotations
 
 import glob
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,29 @@ def resolve_files(patterns: str | Sequence[str] | None, key: str) -> list[Path]:
             )
         files.extend(Path(m).resolve() for m in matches)
     return files
+
+
+def files_key(split: str) -> str:
+    """The config key that names a split's files."""
+    return f"data.source.{'val' if split == 'validation' else split}_files"
+
+
+class SplitFiles:
+    """Paths or globs for each split, resolved when a split is read: a split that is not read (the training
+    files, when a checkpoint is scored on a test file) need not exist."""
+
+    def __init__(self, train: Any, validation: Any, test: Any) -> None:
+        if not train:
+            raise DataError("data.source.train_files is empty: give at least one training file or glob.")
+        self.patterns = {"train": train, "validation": validation, "test": test}
+
+    @property
+    def given(self) -> list[str]:
+        return [split for split, patterns in self.patterns.items() if patterns]
+
+    def resolve(self, read: Collection[str]) -> dict[str, list[Path]]:
+        """The files of each given split in ``read``; a pattern that matches nothing is an error naming its key."""
+        return {split: resolve_files(self.patterns[split], files_key(split)) for split in self.given if split in read}
 
 
 def file_signature(files: Sequence[Path]) -> list[list[Any]]:

@@ -8,54 +8,35 @@ non-overlapping blocks from offset 0.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Sampler
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
+from lmlab.data.storage import BatchedDataset, MappedArray, save_tokens
 from lmlab.data.text_sources import TextSource
 from lmlab.errors import DataError
 from lmlab.registry import register
 from lmlab.tokenizers import Tokenizer
 
 
-class TokenBlocks(Dataset):
+class TokenBlocks(BatchedDataset):
     """Blocks of a token file, addressed by start position; ``(x, y)`` with ``y`` shifted by one."""
 
     def __init__(self, path: Path, block_size: int) -> None:
-        self.path, self.block_size = path, block_size
-        self._tokens: np.ndarray | None = None
+        self.tokens, self.block_size = MappedArray(path), block_size
         self._span = np.arange(block_size + 1)
-
-    @property
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:  # opened lazily so DataLoader workers each map the file themselves
-            self._tokens = np.load(self.path, mmap_mode="r")
-        return self._tokens
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def __getitem__(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.__getitems__([start])
-        return x[0], y[0]
-
     def __getitems__(self, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(self.tokens[np.asarray(starts)[:, None] + self._span].astype(np.int64))
+        rows = torch.from_numpy(self.tokens.array[np.asarray(starts)[:, None] + self._span].astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokens": None}
-
-
-def _as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collate for :meth:`TokenBlocks.__getitems__`, which already returns a stacked batch."""
-    return batch
 
 
 class EpochBlockSampler(Sampler[int]):
@@ -94,6 +75,32 @@ class EpochBlockSampler(Sampler[int]):
             yield offset + block * self.block_size
 
 
+class BlockBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` consecutive starts of an :class:`EpochBlockSampler` (the last partial one
+    dropped), resumable by batches done; Lightning sets the epoch on :attr:`sampler`."""
+
+    def __init__(self, sampler: EpochBlockSampler, batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+
+    @property
+    def per_rank(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        self.sampler.resume_at(epoch, batches_done * self.batch_size)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for start in self.sampler:
+            batch.append(start)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+
+
 @register("data")
 class LMDataModule(TaskDataModule):
     """Tokenizes a :class:`TextSource` once (cached) and serves packed blocks."""
@@ -109,43 +116,42 @@ class LMDataModule(TaskDataModule):
         pin_memory: bool = False,
         cache_dir: str = ".cache/lmlab",
         seed: int = 1337,
+        splits: Collection[str] | None = None,
     ) -> None:
-        super().__init__(tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed)
+        super().__init__(
+            source, tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed, splits
+        )
         if block_size < 1:
             raise DataError(f"data.block_size must be positive, got {block_size}.")
-        self.source, self.block_size = source, block_size
+        self.block_size = block_size
 
     # -- building the cache ---------------------------------------------------------------
     def cache_parts(self) -> dict[str, Any]:
-        return {"task": "lm", "source": self.source.fingerprint()}
+        return {"task": "lm"}
 
-    def build_cache(self, folder: Path) -> None:
-        splits = self.source.load()
-        if not splits.get("train", "").strip():
+    def read_splits(self) -> dict[str, str]:
+        splits = super().read_splits()
+        if "train" in splits and not splits["train"].strip():
             raise DataError("The training text is empty. Check the data files or data.source settings.")
-        tokenizer = self.train_tokenizer([splits["train"]])
-        dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-        meta: dict[str, Any] = {"vocab_size": tokenizer.vocab_size, "splits": {}}
-        for split, text in splits.items():
-            ids = np.asarray(tokenizer.encode_documents([text]), dtype=dtype)
-            np.save(folder / f"{split}.npy", ids)
-            meta["splits"][split] = {"tokens": len(ids), "chars": len(text)}
-        (folder / "tokenizer.json").write_text(json.dumps(tokenizer.state()))
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+        return splits
+
+    def fit_tokenizer(self, splits: dict[str, str]) -> Tokenizer:
+        return self.train_tokenizer([splits["train"]])
+
+    def encode_split(self, folder: Path, name: str, data: str, tokenizer: Tokenizer, meta: dict[str, Any]) -> dict:
+        tokens = save_tokens(folder / f"{name}.npy", tokenizer.encode_documents([data]), tokenizer.vocab_size)
+        return {"tokens": tokens, "chars": len(data)}
 
     # -- serving ---------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        cache = self.open_cache()
-        for split, info in self.meta["splits"].items():
-            if split == "train" and info["tokens"] < 2 * self.block_size:
-                # one full block at every random epoch offset in [0, block_size) needs 2*block_size tokens
-                raise DataError(
-                    f"The train split has {info['tokens']} tokens, fewer than 2*data.block_size "
-                    f"({2 * self.block_size}). Lower data.block_size or add text."
-                )
-            if info["tokens"] < self.block_size + 1:
-                continue
-            self.datasets[split] = TokenBlocks(cache / f"{split}.npy", self.block_size)
+    def open_split(self, folder: Path, name: str) -> TokenBlocks | None:
+        tokens = self.meta["splits"][name]["tokens"]
+        if name == "train" and tokens < 2 * self.block_size:
+            # one full block at every random epoch offset in [0, block_size) needs 2*block_size tokens
+            raise DataError(
+                f"The train split has {tokens} tokens, fewer than 2*data.block_size "
+                f"({2 * self.block_size}). Lower data.block_size or add text."
+            )
+        return TokenBlocks(folder / f"{name}.npy", self.block_size) if tokens >= self.block_size + 1 else None
 
     @property
     def data_info(self) -> dict[str, Any]:
@@ -161,33 +167,22 @@ class LMDataModule(TaskDataModule):
     def chars_per_token(self) -> dict[str, float]:
         return {s: i["chars"] / max(i["tokens"], 1) for s, i in self.meta.get("splits", {}).items()}
 
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self.rank_world()
-        data = self.datasets["train"]
-        sampler = EpochBlockSampler(len(data), self.block_size, self.seed, rank, world)
-        if sampler.per_rank < self.batch_size:
-            raise DataError(
-                f"The train split yields {sampler.per_rank} blocks per process, fewer than data.batch_size "
-                f"({self.batch_size}). Lower data.batch_size or data.block_size."
-            )
-        resume = self.take_resume()
-        if resume is not None:
-            sampler.resume_at(resume[0], resume[1] * self.batch_size)
-        return self.loader(data, _as_batch, sampler=sampler, batch_size=self.batch_size, drop_last=True)
+    def train_sampler(self, data: TokenBlocks, rank: int, world: int) -> BlockBatches:
+        return BlockBatches(EpochBlockSampler(len(data), self.block_size, self.seed, rank, world), self.batch_size)
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        if split not in self.datasets:
-            raise DataError(
-                f"The {split} split is missing or shorter than data.block_size+1 tokens; "
-                "give it more text or set a smaller data.block_size."
-            )
-        data = self.datasets[split]
-        rank, world = self.rank_world()
+    def too_few_message(self, data: TokenBlocks, world: int) -> str:
+        blocks = EpochBlockSampler(len(data), self.block_size, self.seed, 0, world).per_rank
+        return (
+            f"The train split yields {blocks} blocks per process, fewer than data.batch_size "
+            f"({self.batch_size}). Lower data.batch_size or data.block_size."
+        )
+
+    def eval_sampler(self, data: TokenBlocks, rank: int, world: int) -> list[list[int]]:
         starts = list(range(0, len(data) - self.block_size, self.block_size))[rank::world]
-        return self.loader(data, _as_batch, sampler=starts, batch_size=self.eval_batch_size, drop_last=False)
+        return [starts[i : i + self.eval_batch_size] for i in range(0, len(starts), self.eval_batch_size)]
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+    def missing_split_message(self, split: str) -> str:
+        return (
+            f"The {split} split is missing or shorter than data.block_size+1 tokens; "
+            "give it more text or set a smaller data.block_size."
+        )

@@ -8,7 +8,7 @@ validation (or test) split gets one drawn at random from its training rows (``va
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,17 +16,18 @@ from typing import Any
 import numpy as np
 
 from lmlab.data.files import (
+    SplitFiles,
     data_files_signature,
     file_signature,
+    files_key,
     load_hub_dataset,
     load_table,
     read_text_file,
     resolve_files,
 )
+from lmlab.data.splits import SPLITS, keep_wanted, splits_to_read
 from lmlab.errors import DataError
 from lmlab.registry import register
-
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -45,7 +46,8 @@ class SplitTable:
 
 
 class TableSource:
-    """Base class: subclasses implement :meth:`load_splits` and :meth:`fingerprint`."""
+    """Base class: subclasses implement :meth:`load_splits` and :meth:`fingerprint`, both of the ``splits``
+    to read (``None``: every split)."""
 
     def __init__(
         self, columns: Mapping[str, str], val_fraction: float, split_seed: int, test_fraction: float = 0.0
@@ -61,16 +63,23 @@ class TableSource:
         self.columns = dict(columns)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
 
-    def load_splits(self) -> dict[str, SplitTable]:
+    def load_splits(self, splits: Collection[str] | None = None) -> dict[str, SplitTable]:
         raise NotImplementedError
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
-    def load(self) -> dict[str, SplitTable]:
-        """Every split there is; validation and test drawn from train when the data has none."""
-        splits = self.load_splits()
-        if "train" not in splits:
+    def to_read(self, splits: Collection[str] | None, given: Collection[str]) -> set[str]:
+        """Which of the ``given`` splits to read to serve ``splits``."""
+        return splits_to_read(splits, given, {"validation": self.val_fraction, "test": self.test_fraction})
+
+    def load(self, splits: Collection[str] | None = None) -> dict[str, SplitTable]:
+        """The ``splits`` asked for (``None``: every split there is); validation and test drawn from train when
+        the data has none."""
+        loaded = self.load_splits(splits)
+        if splits is not None and "train" not in loaded and "train" not in splits:
+            return keep_wanted(loaded, splits)
+        if "train" not in loaded:
             raise DataError(
                 "The data has no training split. Give training files (data.source.train_files) "
                 "or map a hub split to train (data.source.splits.train)."
@@ -78,11 +87,11 @@ class TableSource:
         wanted = {
             split: share
             for split, share in (("validation", self.val_fraction), ("test", self.test_fraction))
-            if split not in splits and share > 0
+            if split not in loaded and share > 0
         }
         if wanted:
-            splits.update(self._draw(splits["train"], wanted))
-        return splits
+            loaded.update(self._draw(loaded["train"], wanted))
+        return keep_wanted(loaded, splits)
 
     def _draw(self, train: SplitTable, shares: dict[str, float]) -> dict[str, SplitTable]:
         """Random held-out splits of the training rows (validation first, then test), and the rest as train."""
@@ -176,7 +185,7 @@ class HubTable(TableSource):
         self.splits = dict(splits or {s: s for s in SPLITS})
         self.data_files = data_files
 
-    def load_splits(self) -> dict[str, SplitTable]:
+    def load_splits(self, splits: Collection[str] | None = None) -> dict[str, SplitTable]:
         data = load_hub_dataset(
             self.path,
             self.name,
@@ -199,7 +208,7 @@ class HubTable(TableSource):
             )
         return out
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         return {
             "source": "hub",
             "path": self.path,
@@ -226,20 +235,15 @@ class TableFiles(TableSource):
         test_fraction: float = 0.0,
     ) -> None:
         super().__init__(columns, val_fraction, split_seed, test_fraction)
-        if not train_files:
-            raise DataError("data.source.train_files is empty: give at least one training file or glob.")
-        self.files = {
-            "train": resolve_files(train_files, "data.source.train_files"),
-            "validation": resolve_files(val_files, "data.source.val_files"),
-            "test": resolve_files(test_files, "data.source.test_files"),
-        }
+        self.files = SplitFiles(train_files, val_files, test_files)
 
-    def load_splits(self) -> dict[str, SplitTable]:
+    def _files(self, splits: Collection[str] | None) -> dict[str, list[Path]]:
+        return self.files.resolve(self.to_read(splits, self.files.given))
+
+    def load_splits(self, splits: Collection[str] | None = None) -> dict[str, SplitTable]:
         out: dict[str, SplitTable] = {}
-        for split, files in self.files.items():
-            if not files:
-                continue
-            key = f"data.source.{'val' if split == 'validation' else split}_files"
+        for split, files in self._files(splits).items():
+            key = files_key(split)
             merged: dict[str, list[Any]] = {role: [] for role in self.columns}
             names: dict[str, list[str]] = {}
             for path in files:
@@ -252,10 +256,10 @@ class TableFiles(TableSource):
             out[split] = SplitTable(merged, origin, names)
         return out
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         return {
             "source": "files",
-            "files": {s: file_signature(f) for s, f in self.files.items()},
+            "files": {s: file_signature(f) for s, f in self._files(splits).items()},
             **self._base_fingerprint(),
         }
 
@@ -276,7 +280,7 @@ class AlignedTextFiles(TableSource):
         test_fraction: float = 0.0,
     ) -> None:
         super().__init__({"source": "source", "target": "target"}, val_fraction, split_seed, test_fraction)
-        self.files: dict[str, dict[str, Path]] = {}
+        self.pairs: dict[str, Mapping[str, str]] = {}
         for split, pair in (("train", train), ("validation", validation), ("test", test)):
             if not pair:
                 continue
@@ -286,13 +290,20 @@ class AlignedTextFiles(TableSource):
                     f"data.source.{split} needs a file for {sorted(missing)}: "
                     f"data.source.{split}={{source: <file>, target: <file>}}."
                 )
-            self.files[split] = {
-                role: resolve_files(str(pair[role]), f"data.source.{split}.{role}")[0] for role in ("source", "target")
-            }
+            self.pairs[split] = pair
 
-    def load_splits(self) -> dict[str, SplitTable]:
+    def _files(self, splits: Collection[str] | None) -> dict[str, dict[str, Path]]:
+        """The two files of each split read to serve ``splits``."""
+        read = self.to_read(splits, self.pairs)
+        return {
+            split: {role: resolve_files(str(pair[role]), f"data.source.{split}.{role}")[0] for role in pair}
+            for split, pair in self.pairs.items()
+            if split in read
+        }
+
+    def load_splits(self, splits: Collection[str] | None = None) -> dict[str, SplitTable]:
         out: dict[str, SplitTable] = {}
-        for split, pair in self.files.items():
+        for split, pair in self._files(splits).items():
             lines = {role: read_text_file(path).splitlines() for role, path in pair.items()}
             if len(lines["source"]) != len(lines["target"]):
                 raise DataError(
@@ -303,9 +314,9 @@ class AlignedTextFiles(TableSource):
             out[split] = SplitTable(lines, f"'{pair['source']}' / '{pair['target']}'")
         return out
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         return {
             "source": "aligned_text",
             **self._base_fingerprint(),
-            "files": {s: file_signature([p["source"], p["target"]]) for s, p in self.files.items()},
+            "files": {s: file_signature([p["source"], p["target"]]) for s, p in self._files(splits).items()},
         }

@@ -1,20 +1,28 @@
 """Where language-modeling text comes from: one string per split.
 
-Each source returns ``{"train": str, "validation": str, "test": str}`` and a ``fingerprint()``
-that goes into the data cache key. When a source has only training text, validation and test
-text are cut from its end by character fractions (the nanoGPT convention: first 90% train).
+Each source returns ``{"train": str, "validation": str, "test": str}`` (or only the splits asked for)
+and a ``fingerprint()`` of what it reads, which goes into the data cache key. When a source has only
+training text, validation and test text are cut from its end by character fractions (the nanoGPT
+convention: first 90% train).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from pathlib import Path
 from typing import Any
 
-from lmlab.data.files import data_files_signature, file_signature, load_hub_dataset, read_column, resolve_files
+from lmlab.data.files import (
+    SplitFiles,
+    data_files_signature,
+    file_signature,
+    files_key,
+    load_hub_dataset,
+    read_column,
+)
+from lmlab.data.splits import SPLITS, keep_wanted, splits_to_read
 from lmlab.errors import DataError
 from lmlab.registry import register
-
-SPLITS = ("train", "validation", "test")
 
 
 def carve_splits(text: str, val_fraction: float, test_fraction: float) -> dict[str, str]:
@@ -30,12 +38,13 @@ def carve_splits(text: str, val_fraction: float, test_fraction: float) -> dict[s
 
 
 class TextSource:
-    """Base class: subclasses implement :meth:`load` and :meth:`fingerprint`."""
+    """Base class: subclasses implement :meth:`load` and :meth:`fingerprint`, both of the ``splits`` asked
+    for (``None``: every split)."""
 
-    def load(self) -> dict[str, str]:
+    def load(self, splits: Collection[str] | None = None) -> dict[str, str]:
         raise NotImplementedError
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -50,13 +59,13 @@ class PydocTopics(TextSource):
     def __init__(self, val_fraction: float = 0.05, test_fraction: float = 0.05) -> None:
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
-    def load(self) -> dict[str, str]:
+    def load(self, splits: Collection[str] | None = None) -> dict[str, str]:
         from pydoc_data.topics import topics
 
         text = "\n\n".join(topics[name].strip() for name in sorted(topics))
-        return carve_splits(text, self.val_fraction, self.test_fraction)
+        return keep_wanted(carve_splits(text, self.val_fraction, self.test_fraction), splits)
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         import sys
 
         return {
@@ -89,7 +98,7 @@ class HubText(TextSource):
         self.splits = dict(splits or {s: s for s in SPLITS})
         self.val_fraction, self.test_fraction, self.revision = val_fraction, test_fraction, revision
 
-    def load(self) -> dict[str, str]:
+    def load(self, splits: Collection[str] | None = None) -> dict[str, str]:
         data = load_hub_dataset(
             self.path,
             self.name,
@@ -107,9 +116,9 @@ class HubText(TextSource):
                     f"(columns: {', '.join(data[hub_split].column_names)}). Set data.source.text_column."
                 )
             out[split] = self.join_with.join(data[hub_split][self.text_column])
-        return _fill_missing_splits(out, self.val_fraction, self.test_fraction, self.path)
+        return keep_wanted(_fill_missing_splits(out, self.val_fraction, self.test_fraction, self.path), splits)
 
-    def fingerprint(self) -> dict[str, Any]:
+    def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         return {
             "source": "hub",
             "path": self.path,
@@ -138,28 +147,27 @@ class TextFiles(TextSource):
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
     ) -> None:
-        if not train_files:
-            raise DataError("data.source.train_files is empty: give at least one training file or glob.")
-        self.files = {
-            "train": resolve_files(train_files, "data.source.train_files"),
-            "validation": resolve_files(val_files, "data.source.val_files"),
-            "test": resolve_files(test_files, "data.source.test_files"),
-        }
+        self.files = SplitFiles(train_files, val_files, test_files)
         self.text_column, self.join_with = text_column, join_with
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
-    def load(self) -> dict[str, str]:
-        out = {
-            split: self.join_with.join(read_column(files, self.text_column, f"data.source.{split}_files"))
-            for split, files in self.files.items()
-            if files
-        }
-        return _fill_missing_splits(out, self.val_fraction, self.test_fraction, "data.source.train_files")
+    def _files(self, splits: Collection[str] | None) -> dict[str, list[Path]]:
+        shares = {"validation": self.val_fraction, "test": self.test_fraction}
+        return self.files.resolve(splits_to_read(splits, self.files.given, shares))
 
-    def fingerprint(self) -> dict[str, Any]:
+    def load(self, splits: Collection[str] | None = None) -> dict[str, str]:
+        out = {
+            split: self.join_with.join(read_column(files, self.text_column, files_key(split)))
+            for split, files in self._files(splits).items()
+        }
+        if splits is None or "train" in out:
+            out = _fill_missing_splits(out, self.val_fraction, self.test_fraction, "data.source.train_files")
+        return keep_wanted(out, splits)
+
+    def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         return {
             "source": "files",
-            "files": {s: file_signature(f) for s, f in self.files.items()},
+            "files": {s: file_signature(f) for s, f in self._files(splits).items()},
             "column": self.text_column,
             "join": self.join_with,
             "val": self.val_fraction,

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.batching import BucketBatchSampler, EpochBatchSampler, TokenBudgetBatchSampler, pad_batch
+from lmlab.data.storage import BatchedDataset, RaggedIds, save_ragged
 from lmlab.data.tables import SplitTable, TableSource
 from lmlab.errors import DataError
 from lmlab.registry import register
@@ -50,23 +50,16 @@ def encode_sources(
     return [seq + [eos] for seq in ids], truncated
 
 
-class EncodedPairs(Dataset):
-    """One split of source and target ids (flat, with offsets) and the reference sentences, from the cache."""
+class EncodedPairs(BatchedDataset):
+    """One split of source and target ids (ragged) and the reference sentences, from the cache."""
 
     def __init__(self, folder: Path, split: str, tokenizer: TokenizerPair) -> None:
-        self.folder, self.split = folder, split
         self.src_pad, self.tgt_pad, self.bos = tokenizer.source.pad_id, tokenizer.pad_id, tokenizer.eos_id
-        self.offsets = {side: np.load(folder / f"{split}.{side}.offsets.npy") for side in ("src", "tgt")}
+        self.sides = {side: RaggedIds(folder, f"{split}.{side}") for side in ("src", "tgt")}
         self.references: list[str] = json.loads((folder / f"{split}.references.json").read_text())
-        self._ids: dict[str, np.ndarray] = {}
-
-    def ids(self, side: str) -> np.ndarray:
-        if side not in self._ids:  # opened lazily so DataLoader workers each map the file themselves
-            self._ids[side] = np.load(self.folder / f"{self.split}.{side}.ids.npy", mmap_mode="r")
-        return self._ids[side]
 
     def lengths(self, side: str) -> np.ndarray:
-        return np.diff(self.offsets[side])
+        return self.sides[side].lengths
 
     def sizes(self) -> np.ndarray:
         """Tokens each pair takes in a batch: the longer of the source and the decoder's input."""
@@ -75,28 +68,13 @@ class EncodedPairs(Dataset):
     def __len__(self) -> int:
         return len(self.references)
 
-    def _rows(self, side: str, indices: list[int]) -> list[np.ndarray]:
-        ids, offsets = self.ids(side), self.offsets[side]
-        return [ids[offsets[i] : offsets[i + 1]].astype(np.int64) for i in indices]
-
-    def __getitem__(self, index: int) -> PairBatch:
-        return self.__getitems__([index])
-
     def __getitems__(self, indices: list[int]) -> PairBatch:
-        src, src_lengths = pad_batch(self._rows("src", indices), self.src_pad)
-        targets = self._rows("tgt", indices)
+        src, src_lengths = pad_batch(self.sides["src"].rows(indices), self.src_pad)
+        targets = self.sides["tgt"].rows(indices)
         tgt_in, _ = pad_batch([np.concatenate([[self.bos], t]) for t in targets], self.tgt_pad)
         tgt_out, _ = pad_batch([np.concatenate([t, [self.bos]]) for t in targets], self.tgt_pad)
         references = tuple(self.references[i] for i in indices)
         return PairBatch(src, src_lengths, tgt_in, tgt_out, references, sum(len(t) + 1 for t in targets))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_ids": {}}
-
-
-def _as_batch(batch: PairBatch) -> PairBatch:
-    """Collate for :meth:`EncodedPairs.__getitems__`, which already returns a padded batch."""
-    return batch
 
 
 @register("data")
@@ -129,8 +107,11 @@ class TranslationDataModule(TaskDataModule):
         pin_memory: bool = False,
         cache_dir: str = ".cache/lmlab",
         seed: int = 1337,
+        splits: Collection[str] | None = None,
     ) -> None:
-        super().__init__(tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed)
+        super().__init__(
+            source, tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed, splits
+        )
         missing = {"source", "target"} - set(source.columns)
         if missing:
             raise DataError(
@@ -148,7 +129,7 @@ class TranslationDataModule(TaskDataModule):
                 f"({max(max_source_length, max_target_length)} tokens). Raise data.max_tokens or lower "
                 "data.max_source_length / data.max_target_length."
             )
-        self.source, self.source_lang, self.target_lang = source, source_lang, target_lang
+        self.source_lang, self.target_lang = source_lang, target_lang
         self.joint_vocabulary, self.overlong, self.source_prefix = joint_vocabulary, overlong, source_prefix
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.max_tokens, self.bucket_batches = max_tokens, bucket_batches
@@ -157,7 +138,6 @@ class TranslationDataModule(TaskDataModule):
     def cache_parts(self) -> dict[str, Any]:
         return {
             "task": "translation",
-            "source": self.source.fingerprint(),
             "joint": self.joint_vocabulary,
             "source_prefix": self.source_prefix,
             "max_source": self.max_source_length,
@@ -165,28 +145,21 @@ class TranslationDataModule(TaskDataModule):
             "overlong": self.overlong,
         }
 
-    def _tokenizer(self, train: SplitTable) -> TokenizerPair:
-        """The given tokenizer pair, or one trained on the training pairs (joint: one vocabulary on both sides)."""
-        if self.tokenizer is not None:
-            if not isinstance(self.tokenizer, TokenizerPair):
-                return TokenizerPair(self.tokenizer)
-            return self.tokenizer
-        build = self.tokenizer_spec
-        sources, targets = _texts(train, "source"), _texts(train, "target")
+    def given_tokenizer(self, tokenizer: Tokenizer) -> TokenizerPair:
+        return tokenizer if isinstance(tokenizer, TokenizerPair) else TokenizerPair(tokenizer)
+
+    def fit_tokenizer(self, splits: dict[str, SplitTable]) -> TokenizerPair:
+        """Trained on the training pairs (joint: one vocabulary on both sides)."""
+        sources, targets = _texts(splits["train"], "source"), _texts(splits["train"], "target")
         if self.joint_vocabulary:
-            return TokenizerPair(build(_both(sources, targets)))  # type: ignore[operator]
-        return TokenizerPair(build(t for t in sources if t), build(t for t in targets if t))  # type: ignore[operator]
+            return TokenizerPair(self.train_tokenizer(_both(sources, targets)))
+        return TokenizerPair(
+            self.train_tokenizer(t for t in sources if t), self.train_tokenizer(t for t in targets if t)
+        )
 
-    def build_cache(self, folder: Path) -> None:
-        splits = self.source.load()
-        tokenizer = self._tokenizer(splits["train"])
-        meta: dict[str, Any] = {"splits": {}}
-        for name, table in splits.items():
-            meta["splits"][name] = self._encode_split(folder, name, table, tokenizer)
-        (folder / "tokenizer.json").write_text(json.dumps(tokenizer.state()))
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
-
-    def _encode_split(self, folder: Path, name: str, table: SplitTable, tokenizer: TokenizerPair) -> dict[str, Any]:
+    def encode_split(
+        self, folder: Path, name: str, table: SplitTable, tokenizer: TokenizerPair, meta: dict[str, Any]
+    ) -> dict[str, Any]:
         sources, targets = _texts(table, "source"), _texts(table, "target")
         keep = [i for i, (s, t) in enumerate(zip(sources, targets, strict=True)) if s.strip() and t.strip()]
         if not keep:
@@ -211,10 +184,8 @@ class TranslationDataModule(TaskDataModule):
             src_ids, tgt_ids, targets = ([x[i] for i in fits] for x in (src_ids, tgt_ids, targets))
         src_ids = [s[: self.max_source_length - 1] + [tokenizer.source.eos_id] for s in src_ids]
         tgt_ids = [t[: self.max_target_length - 1] for t in tgt_ids]
-        for side, ids, vocab in (("src", src_ids, tokenizer.source.vocab_size), ("tgt", tgt_ids, tokenizer.vocab_size)):
-            dtype = np.uint16 if vocab < np.iinfo(np.uint16).max else np.int32
-            np.save(folder / f"{name}.{side}.ids.npy", np.fromiter((t for s in ids for t in s), dtype=dtype))
-            np.save(folder / f"{name}.{side}.offsets.npy", np.cumsum([0] + [len(s) for s in ids], dtype=np.int64))
+        save_ragged(folder, f"{name}.src", src_ids, tokenizer.source.vocab_size)
+        save_ragged(folder, f"{name}.tgt", tgt_ids, tokenizer.vocab_size)
         (folder / f"{name}.references.json").write_text(json.dumps(targets, ensure_ascii=False))
         return {
             "origin": table.origin,
@@ -226,14 +197,11 @@ class TranslationDataModule(TaskDataModule):
         }
 
     # -- serving ---------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        cache = self.open_cache()
+    def open_split(self, folder: Path, name: str) -> EncodedPairs:
         assert isinstance(self.tokenizer, TokenizerPair), "the cache holds a tokenizer pair"
-        for name, info in self.meta["splits"].items():
-            self._report(name, info)
-            self.datasets[name] = EncodedPairs(cache, name, self.tokenizer)
+        return EncodedPairs(folder, name, self.tokenizer)
 
-    def _report(self, name: str, info: dict[str, Any]) -> None:
+    def report(self, name: str, info: dict[str, Any]) -> None:
         if info["empty"]:
             log.warning(
                 "%d pair(s) of the %s split (%s) with an empty side were left out.", info["empty"], name, info["origin"]
@@ -278,40 +246,28 @@ class TranslationDataModule(TaskDataModule):
             "max_target_length": self.max_target_length,
         }
 
-    def _sampler(self, data: EncodedPairs, shuffle: bool) -> EpochBatchSampler:
-        rank, world = self.rank_world()
-        if shuffle and self.max_tokens is not None:
+    def train_sampler(self, data: EncodedPairs, rank: int, world: int) -> EpochBatchSampler:
+        if self.max_tokens is not None:
             return TokenBudgetBatchSampler(data.sizes(), self.max_tokens, True, self.seed, rank, world)
-        size = self.batch_size if shuffle else self.eval_batch_size
-        return BucketBatchSampler(data.sizes(), size, shuffle, self.seed, self.bucket_batches, rank, world)
+        return BucketBatchSampler(data.sizes(), self.batch_size, True, self.seed, self.bucket_batches, rank, world)
 
-    def train_dataloader(self) -> DataLoader:
-        data = self.datasets["train"]
-        sampler = self._sampler(data, shuffle=True)
-        if sampler.per_rank < 1:
-            raise DataError(
-                f"The train split has {len(data)} pairs: too few for {self.rank_world()[1]} processes "
-                "at this batch size. Lower data.max_tokens or data.batch_size."
-            )
-        resume = self.take_resume()
-        if resume is not None:
-            sampler.resume_at(*resume)
-        return self.loader(data, _as_batch, batch_sampler=sampler)
+    def too_few_message(self, data: EncodedPairs, world: int) -> str:
+        return (
+            f"The train split has {len(data)} pairs: too few for {world} processes "
+            "at this batch size. Lower data.max_tokens or data.batch_size."
+        )
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        if split not in self.datasets:
-            raise DataError(
-                f"The data has no {split} split. Give one (data.source.val_files / test_files, or "
-                "data.source.validation / test for aligned text files), or set data.source.val_fraction "
-                "to draw validation pairs from the training split."
-            )
-        return self.loader(self.datasets[split], _as_batch, batch_sampler=self._sampler(self.datasets[split], False))
+    def eval_sampler(self, data: EncodedPairs, rank: int, world: int) -> BucketBatchSampler:
+        return BucketBatchSampler(
+            data.sizes(), self.eval_batch_size, False, self.seed, self.bucket_batches, rank, world
+        )
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+    def missing_split_message(self, split: str) -> str:
+        return (
+            f"The data has no {split} split. Give one (data.source.val_files / test_files, or "
+            "data.source.validation / test for aligned text files), or set data.source.val_fraction "
+            "to draw validation pairs from the training split."
+        )
 
 
 def _texts(table: SplitTable, role: str) -> list[str]:

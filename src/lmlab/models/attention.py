@@ -1,14 +1,13 @@
-"""Transformer pieces shared by the GPT decoder, the encoders and the encoder-decoder: multi-head
-self-attention (causal with a KV cache, or bidirectional with a key padding mask), cross-attention over
-an encoder's output, the MLP, the pre-LayerNorm blocks and the fixed sinusoidal position table."""
+"""Multi-head attention on fused SDPA: self-attention (causal with a KV cache, or bidirectional with a key
+padding mask; multi-, grouped- or multi-query; optionally rotary) and cross-attention over an encoder's output."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmlab.models.positions import RotaryEmbedding
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,27 +27,48 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
 class SelfAttention(nn.Module):
     """Multi-head self-attention with fused SDPA.
 
-    Causal (decoders): ``past`` holds the cached keys and values of earlier positions, and new queries
-    see all of them plus the causal part of their own chunk. Bidirectional (encoders): ``key_mask``
-    ``(B, T)``, True at real tokens, keeps every query from attending to padding.
+    ``n_kv_head`` heads of keys and values serve the ``n_head`` query heads, each shared by ``n_head //
+    n_kv_head`` consecutive query heads (grouped-query attention; 1: multi-query; ``n_head``: multi-head): the
+    KV cache shrinks by that factor. ``rotary`` rotates queries and keys by their absolute positions.
+
+    Causal (decoders): ``past`` holds the cached keys and values of earlier positions, and new queries see all
+    of them plus the causal part of their own chunk. Bidirectional (encoders): ``key_mask`` ``(B, T)``, True at
+    real tokens, keeps every query from attending to padding.
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, causal: bool = True) -> None:
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        n_kv_head: int,
+        dropout: float,
+        bias: bool,
+        causal: bool,
+        rotary: RotaryEmbedding | None = None,
+    ) -> None:
         super().__init__()
-        self.n_head, self.causal = n_head, causal
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.n_head, self.n_kv_head, self.causal = n_head, n_kv_head, causal
+        kv_size = n_kv_head * (n_embd // n_head)
+        self.sizes = (n_embd, kv_size, kv_size)
+        self.qkv = nn.Linear(n_embd, sum(self.sizes), bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.rotary = rotary
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(
         self, x: torch.Tensor, past: KV | None = None, key_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, KV]:
+        """The branch's output ``(B, T, C)`` and the keys and values of all positions so far, each ``(B,
+        n_kv_head, past + T, head_size)``."""
         T = x.size(1)
-        q, k, v = (split_heads(t, self.n_head) for t in self.qkv(x).chunk(3, dim=2))
+        q, k, v = self.qkv(x).split(self.sizes, dim=2)
+        q, k, v = split_heads(q, self.n_head), split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
+        past_len = past[0].size(2) if past is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, past_len)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        past_len = k.size(2) - T
         mask = None
         if not self.causal:
             mask = key_mask[:, None, None, :] if key_mask is not None else None
@@ -56,42 +76,20 @@ class SelfAttention(nn.Module):
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past_len)
         y = F.scaled_dot_product_attention(
             q,
-            k,
-            v,
+            self._per_query_head(k),
+            self._per_query_head(v),
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and past_len == 0 and T > 1,
         )
         return self.resid_dropout(self.proj(merge_heads(y))), (k, v)
 
-
-class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool) -> None:
-        super().__init__()
-        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm Transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
-
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, causal: bool = True) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = SelfAttention(n_embd, n_head, dropout, bias, causal)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
-
-    def forward(
-        self, x: torch.Tensor, past: KV | None = None, key_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, KV]:
-        a, present = self.attn(self.ln_1(x), past, key_mask)
-        x = x + a
-        return x + self.mlp(self.ln_2(x)), present
+    def _per_query_head(self, t: torch.Tensor) -> torch.Tensor:
+        """Keys or values repeated so each query head has its group's: ``(B, n_kv_head, S, hs) -> (B, n_head,
+        S, hs)``. SDPA's ``enable_gqa`` would avoid the copy, but not on every backend, mask and torch version."""
+        if self.n_kv_head == self.n_head:
+            return t
+        return t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
 
 
 class CrossAttention(nn.Module):
@@ -121,36 +119,3 @@ class CrossAttention(nn.Module):
             q, *memory_kv, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
         )
         return self.resid_dropout(self.proj(merge_heads(y)))
-
-
-class DecoderBlock(nn.Module):
-    """Pre-LayerNorm encoder-decoder block: causal self-attention with a KV cache, then cross-attention over
-    the memory, then the MLP, each added as ``x + f(ln(x))``."""
-
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = SelfAttention(n_embd, n_head, dropout, bias, causal=True)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.cross = CrossAttention(n_embd, n_head, dropout, bias)
-        self.ln_3 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = MLP(n_embd, dropout, bias)
-
-    def forward(
-        self, x: torch.Tensor, memory_kv: KV, memory_mask: torch.Tensor, past: KV | None = None
-    ) -> tuple[torch.Tensor, KV]:
-        a, present = self.attn(self.ln_1(x), past)
-        x = x + a
-        x = x + self.cross(self.ln_2(x), memory_kv, memory_mask)
-        return x + self.mlp(self.ln_3(x)), present
-
-
-def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:
-    """The fixed sine/cosine position table of Vaswani et al. (2017), ``(n, dim)``: no parameters to learn,
-    and any position up to ``n`` gets a distinct code."""
-    position = torch.arange(n, dtype=torch.float)[:, None]
-    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float) * (-math.log(10000.0) / dim))
-    table = torch.zeros(n, dim)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
-    return table

@@ -1,8 +1,5 @@
-"""Text classifiers: ``forward(ids (B, T), lengths (B,)) -> logits (B, num_classes)``.
-
-``ids`` are right-padded; every model looks only at each example's first ``lengths`` tokens, so an
-example gets the same logits however much padding its batch adds.
-"""
+"""Text classifiers, each a :class:`~lmlab.models.base.ClassifierNetwork`: right-padded ids and their lengths
+to class logits, whatever padding the batch adds."""
 
 from __future__ import annotations
 
@@ -15,17 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.models.attention import Block, sinusoidal_positions
+from lmlab.models.base import ClassifierNetwork
+from lmlab.models.choices import choice
 from lmlab.models.embeddings import embedding_settings, make_embedding
+from lmlab.models.positions import sinusoidal_positions
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import RecurrentEncoder
+from lmlab.models.transformer import Block, BlockSpec
 from lmlab.registry import register
-
-
-def _choice(key: str, value: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ConfigError(f"{key} must be one of {', '.join(options)}, got '{value}'.")
-    return value
 
 
 def valid_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -42,7 +36,7 @@ def masked_pool(x: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 @register("network")
-class RNNClassifier(nn.Module):
+class RNNClassifier(ClassifierNetwork):
     """Embedding -> (bidirectional) LSTM/GRU over packed sequences -> max, mean or last-state pooling -> linear."""
 
     def __init__(
@@ -50,16 +44,16 @@ class RNNClassifier(nn.Module):
         vocab_size: int,
         num_classes: int,
         pad_id: int,
-        cell: str = "lstm",
+        cell: str,
         embedding: Mapping[str, Any] | None = None,
-        hidden_size: int = 256,
+        hidden_size: int = 128,
         n_layer: int = 1,
         bidirectional: bool = True,
         pooling: str = "max",
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        self.pooling = _choice("model.pooling", pooling, ("max", "mean", "last"))
+        self.pooling = choice("model.pooling", pooling, ("max", "mean", "last"))
         self.embedding = make_embedding(vocab_size, pad_id, **embedding_settings(embedding))
         self.drop = nn.Dropout(dropout)
         self.encoder = RecurrentEncoder(
@@ -78,7 +72,7 @@ class RNNClassifier(nn.Module):
 
 
 @register("network")
-class TextCNN(nn.Module):
+class TextCNN(ClassifierNetwork):
     """Kim (2014): convolutions of several widths over word embeddings, max over time, linear."""
 
     def __init__(
@@ -118,11 +112,13 @@ class TextCNN(nn.Module):
 
 
 @register("network")
-class TransformerClassifier(nn.Module):
+class TransformerClassifier(ClassifierNetwork):
     """A BERT-like pre-LN Transformer encoder with padding masks, pooled at a learned [CLS] vector or by mean.
 
     The [CLS] vector is a parameter put in front of every text rather than a tokenizer token, so any
-    tokenizer works; it takes one position, so learned positions have ``max_length + 1`` slots.
+    tokenizer works; it takes one position, so learned positions have ``max_length + 1`` slots. The blocks
+    and head keep PyTorch's default init rather than :func:`~lmlab.models.transformer.init_weights`, so that
+    training runs from before the shared init reproduce.
     """
 
     def __init__(
@@ -140,13 +136,12 @@ class TransformerClassifier(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if n_embd % n_head:
-            raise ConfigError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head}).")
-        self.pooling = _choice("model.pooling", pooling, ("cls", "mean"))
+        spec = BlockSpec(n_embd=n_embd, n_head=n_head, dropout=dropout, bias=bias)
+        self.pooling = choice("model.pooling", pooling, ("cls", "mean"))
         self.max_length = max_length
         n_positions = max_length + (self.pooling == "cls")
         self.embedding = make_embedding(vocab_size, pad_id, n_embd)
-        if _choice("model.positions", positions, ("learned", "sinusoidal")) == "learned":
+        if choice("model.positions", positions, ("learned", "sinusoidal")) == "learned":
             self.positions = nn.Parameter(torch.randn(n_positions, n_embd) * 0.02)
             self.embed_scale = 1.0
             nn.init.normal_(self.embedding.weight, std=0.02)
@@ -157,8 +152,8 @@ class TransformerClassifier(nn.Module):
         if self.pooling == "cls":
             self.cls = nn.Parameter(torch.randn(n_embd) * 0.02)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias, causal=False) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+        self.blocks = nn.ModuleList(Block(spec, causal=False) for _ in range(n_layer))
+        self.ln_f = spec.make_norm()
         self.head = nn.Linear(n_embd, num_classes)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -179,7 +174,7 @@ class TransformerClassifier(nn.Module):
 
 
 @register("network")
-class BagOfNGrams(nn.Module):
+class BagOfNGrams(ClassifierNetwork):
     """fastText-style (Joulin et al. 2017): the mean of word and hashed n-gram embeddings, then a linear layer.
 
     N-grams of 2 .. ``ngrams`` tokens share one table of ``buckets`` rows, indexed by a hash of their ids,
@@ -235,7 +230,7 @@ class BagOfNGrams(nn.Module):
 
 
 @register("network")
-class HFEncoderClassifier(nn.Module):
+class HFEncoderClassifier(ClassifierNetwork):
     """A pretrained Hugging Face encoder (hub name or local folder), pooled, with a new linear head.
     ``hf_config`` is set by lmlab checkpoints (see :mod:`lmlab.models.pretrained`)."""
 
@@ -243,13 +238,13 @@ class HFEncoderClassifier(nn.Module):
         self,
         num_classes: int,
         name_or_path: str,
-        pooling: str = "cls",
+        pooling: str = "mean",
         dropout: float = 0.1,
         freeze_encoder: bool = False,
         hf_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.pooling = _choice("model.pooling", pooling, ("cls", "mean"))
+        self.pooling = choice("model.pooling", pooling, ("cls", "mean"))
         self.encoder = load_pretrained_model("AutoModel", name_or_path, "hf_encoder", hf_config)
         self.freeze_encoder = freeze_encoder
         self.encoder.requires_grad_(not freeze_encoder)

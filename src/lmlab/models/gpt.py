@@ -1,4 +1,6 @@
-"""A GPT-style decoder: pre-LayerNorm blocks, fused SDPA attention, tied embeddings, KV cache."""
+"""A GPT-style decoder: pre-norm blocks, fused SDPA attention, tied embeddings, KV cache. By default it is
+nanoGPT's architecture; the norm, MLP, positions and key/value heads are config choices, so Llama-style
+decoders are the same class."""
 
 from __future__ import annotations
 
@@ -7,53 +9,75 @@ import math
 import torch
 from torch import nn
 
-from lmlab.errors import ConfigError
-from lmlab.models.attention import KV, Block
+from lmlab.models.attention import KV
+from lmlab.models.base import LanguageModelNetwork
+from lmlab.models.choices import choice
+from lmlab.models.positions import sinusoidal_positions
+from lmlab.models.transformer import Block, BlockSpec, init_residual_outputs, init_weights
 from lmlab.registry import register
 
 KVCache = list[KV]
+#: ``model.position``: learned vectors or the sinusoidal table added to the token vectors, or rotary (in attention)
+POSITIONS = ("learned", "sinusoidal", "rope")
 
 
 @register("network")
-class GPT(nn.Module):
-    """Decoder-only Transformer language model (the nanoGPT architecture)."""
+class GPT(LanguageModelNetwork):
+    """Decoder-only Transformer language model.
+
+    With sinusoidal positions the token vectors are scaled by ``sqrt(n_embd)`` (Vaswani et al.), as loud as
+    the sine/cosine codes they are added to; learned positions start at std 0.02 like the token vectors.
+    """
 
     def __init__(
         self,
         vocab_size: int,
-        block_size: int = 256,
-        n_layer: int = 6,
-        n_head: int = 6,
-        n_embd: int = 384,
+        block_size: int,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
         dropout: float = 0.0,
         bias: bool = True,
         tie_weights: bool = True,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        mlp: str = "gelu",
+        mlp_hidden: int | None = None,
+        mlp_multiple_of: int = 256,
+        position: str = "learned",
+        n_kv_head: int | None = None,
+        rope_theta: float = 10000.0,
     ) -> None:
         super().__init__()
-        if n_embd % n_head:
-            raise ConfigError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head}).")
+        self.position = choice("model.position", position, POSITIONS)
+        spec = BlockSpec(
+            n_embd=n_embd,
+            n_head=n_head,
+            dropout=dropout,
+            bias=bias,
+            norm=norm,
+            norm_eps=norm_eps,
+            mlp=mlp,
+            mlp_hidden=mlp_hidden,
+            mlp_multiple_of=mlp_multiple_of,
+            n_kv_head=n_kv_head,
+            rope_theta=rope_theta if position == "rope" else None,
+        )
         self.block_size = block_size
         self.wte = nn.Embedding(vocab_size, n_embd)
-        self.wpe = nn.Embedding(block_size, n_embd)
+        if position == "learned":
+            self.wpe = nn.Embedding(block_size, n_embd)
+        elif position == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_positions(block_size, n_embd), persistent=False)
+            self.embed_scale = math.sqrt(n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+        self.blocks = nn.ModuleList(Block(spec, causal=True) for _ in range(n_layer))
+        self.ln_f = spec.make_norm()
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         if tie_weights:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        init_weights(self)
+        init_residual_outputs(self.blocks)
 
     def forward(
         self, idx: torch.Tensor, state: KVCache | None = None, return_state: bool = False
@@ -63,8 +87,12 @@ class GPT(nn.Module):
         T = idx.size(1)
         if past_len + T > self.block_size:
             raise ValueError(f"Sequence of {past_len + T} tokens exceeds block_size {self.block_size}.")
-        pos = torch.arange(past_len, past_len + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.wte(idx)
+        if self.position == "learned":
+            x = x + self.wpe(torch.arange(past_len, past_len + T, device=idx.device))
+        elif self.position == "sinusoidal":
+            x = x * self.embed_scale + self.sinusoid[past_len : past_len + T]
+        x = self.drop(x)
         new_state: KVCache = []
         for i, block in enumerate(self.blocks):
             x, present = block(x, state[i] if state else None)

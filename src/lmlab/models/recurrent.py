@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmlab.errors import ConfigError
+from lmlab.models.choices import choice
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -26,8 +26,7 @@ class RecurrentEncoder(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if cell not in CELLS:
-            raise ConfigError(f"model.cell must be one of {', '.join(CELLS)}, got '{cell}'.")
+        choice("model.cell", cell, CELLS)
         self.rnn = CELLS[cell](
             input_size,
             hidden_size,

@@ -6,30 +6,32 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.models.base import LanguageModelNetwork
+from lmlab.models.choices import choice
 from lmlab.registry import register
 
 _CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+#: the hidden state: ``h_n``, or ``(h_n, c_n)`` for an LSTM, each ``(n_layer, B, hidden_size)``
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 @register("network")
-class RecurrentLM(nn.Module):
-    """Embedding -> stacked recurrent layers -> linear decoder (optionally tied to the embedding)."""
-
-    block_size: int | None = None  # no context limit: the hidden state carries the history
+class RecurrentLM(LanguageModelNetwork):
+    """Embedding -> stacked recurrent layers -> linear decoder (optionally tied to the embedding). No context
+    limit (``block_size`` None): the hidden state carries the history."""
 
     def __init__(
         self,
         vocab_size: int,
-        cell: str = "lstm",
+        cell: str,
         n_embd: int = 256,
-        hidden_size: int = 512,
+        hidden_size: int = 256,
         n_layer: int = 2,
-        dropout: float = 0.2,
-        tie_weights: bool = False,
+        dropout: float = 0.1,
+        tie_weights: bool = True,
     ) -> None:
         super().__init__()
-        if cell not in _CELLS:
-            raise ConfigError(f"model.cell must be one of {', '.join(_CELLS)}, got '{cell}'.")
+        choice("model.cell", cell, _CELLS)
         if tie_weights and n_embd != hidden_size:
             raise ConfigError(
                 f"model.tie_weights needs model.n_embd == model.hidden_size (got {n_embd} and {hidden_size})."
@@ -43,7 +45,9 @@ class RecurrentLM(nn.Module):
         if tie_weights:
             self.head.weight = self.embed.weight
 
-    def forward(self, idx: torch.Tensor, state=None, return_state: bool = False):
+    def forward(
+        self, idx: torch.Tensor, state: State | None = None, return_state: bool = False
+    ) -> tuple[torch.Tensor, State | None]:
         """Logits for ``idx``; ``state`` is the hidden state after the previous call."""
         out, new_state = self.rnn(self.drop(self.embed(idx)), state)
         return self.head(self.drop(out)), (new_state if return_state else None)

@@ -1,67 +1,24 @@
-"""Encoder-decoder networks for translation: a GRU/LSTM with attention and a pre-LN Transformer trained
-from scratch, and pretrained Hugging Face encoder-decoders.
-
-All offer the same three calls, so training and decoding need not know the architecture:
-
-- ``forward(src (B, S), src_lengths (B,), tgt_in (B, T)) -> logits (B, T, tgt_vocab_size)``, teacher forcing;
-- ``encode(src, src_lengths) -> memory``;
-- ``decode_step(tokens (B,), memory, state | None) -> (logits (B, tgt_vocab_size), state)``, one target
-  token per sentence per call (the first call feeds the begin token with ``state=None``).
-
-``src`` and ``tgt_in`` are right-padded; only the first ``src_lengths`` source tokens are read, and the
-decoder is causal, so a sentence's logits do not depend on the padding of its batch. ``memory`` and
-``state`` are nested dicts, lists and tuples whose tensors all have the batch as their first dimension:
-beam search copies and reorders them with one ``index_select(0, rows)`` over the whole container (a
-pretrained model's state is its Hugging Face cache, which reorders itself).
-"""
+"""Encoder-decoder networks for translation, each a :class:`~lmlab.models.base.Seq2SeqNetwork`: a GRU/LSTM
+with attention and a pre-LN Transformer trained from scratch, and pretrained Hugging Face encoder-decoders."""
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.models.attention import KV, Block, DecoderBlock, sinusoidal_positions
+from lmlab.models.attention import KV
+from lmlab.models.base import Memory, Seq2SeqNetwork, State
+from lmlab.models.choices import choice
 from lmlab.models.classifiers import valid_mask
+from lmlab.models.positions import sinusoidal_positions
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import CELLS, RecurrentEncoder
+from lmlab.models.transformer import Block, BlockSpec, DecoderBlock, init_residual_outputs, init_weights
 from lmlab.registry import register
-
-Memory = dict[str, Any]
-State = Any
-
-
-def _check_choice(key: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{key} must be one of {', '.join(options)}, got '{value}'.")
-
-
-class Seq2SeqNetwork(nn.Module, ABC):
-    """The calls decoding and training use, whatever the architecture; ``tgt_vocab_size`` lets a too-wide beam
-    fail early and ``max_target_positions`` caps generated lengths."""
-
-    max_target_positions: int | None = None  # the longest target the decoder can read; None: no limit
-    tgt_vocab_size: int
-    src_pad_id: int
-    tgt_pad_id: int
-
-    @abstractmethod
-    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
-        """What the decoder needs of the source, computed once per sentence."""
-
-    @abstractmethod
-    def decode_step(
-        self, tokens: torch.Tensor, memory: Memory, state: State | None = None
-    ) -> tuple[torch.Tensor, State]:
-        """Logits ``(B, V)`` for the token after ``tokens (B,)``, and the state to continue from."""
-
-    @abstractmethod
-    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, T, V)`` at every target position at once (teacher forcing)."""
 
 
 class Seq2SeqFromScratch(Seq2SeqNetwork):
@@ -141,19 +98,19 @@ class RecurrentSeq2Seq(Seq2SeqFromScratch):
         src_pad_id: int,
         tgt_pad_id: int,
         shared_vocabulary: bool,
-        cell: str = "lstm",
-        attention: str = "multiplicative",
+        cell: str,
+        attention: str,
         embedding_dim: int = 256,
         hidden_size: int = 512,
         encoder_layers: int = 2,
         decoder_layers: int = 2,
         bidirectional: bool = True,
         dropout: float = 0.2,
-        tie_output: bool = False,
+        tie_output: bool = True,
         share_embeddings: bool = False,
     ) -> None:
-        _check_choice("model.cell", cell, tuple(CELLS))
-        _check_choice("model.attention", attention, tuple(ATTENTIONS))
+        choice("model.cell", cell, CELLS)
+        choice("model.attention", attention, ATTENTIONS)
         super().__init__(
             src_vocab_size, tgt_vocab_size, src_pad_id, tgt_pad_id, shared_vocabulary, embedding_dim, share_embeddings
         )
@@ -260,9 +217,8 @@ class TransformerSeq2Seq(Seq2SeqFromScratch):
         tie_output: bool = True,
         use_cache: bool = True,
     ) -> None:
-        if n_embd % n_head:
-            raise ConfigError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head}).")
-        _check_choice("model.positions", positions, ("sinusoidal", "learned"))
+        spec = BlockSpec(n_embd=n_embd, n_head=n_head, dropout=dropout, bias=bias)
+        choice("model.positions", positions, ("sinusoidal", "learned"))
         super().__init__(
             src_vocab_size, tgt_vocab_size, src_pad_id, tgt_pad_id, shared_vocabulary, n_embd, share_embeddings
         )
@@ -277,35 +233,29 @@ class TransformerSeq2Seq(Seq2SeqFromScratch):
             self.register_buffer("src_positions", table, persistent=False)
             self.register_buffer("tgt_positions", table, persistent=False)
         self.drop = nn.Dropout(dropout)
-        self.encoder = nn.ModuleList(Block(n_embd, n_head, dropout, bias, causal=False) for _ in range(encoder_layers))
-        self.ln_enc = nn.LayerNorm(n_embd, bias=bias)
-        self.decoder = nn.ModuleList(DecoderBlock(n_embd, n_head, dropout, bias) for _ in range(decoder_layers))
-        self.ln_dec = nn.LayerNorm(n_embd, bias=bias)
+        self.encoder = nn.ModuleList(Block(spec, causal=False) for _ in range(encoder_layers))
+        self.ln_enc = spec.make_norm()
+        self.decoder = nn.ModuleList(DecoderBlock(spec) for _ in range(decoder_layers))
+        self.ln_dec = spec.make_norm()
         self.head = nn.Linear(n_embd, tgt_vocab_size, bias=False)
         if tie_output:
             self.head.weight = self.tgt_embedding.weight
-        self._init_weights(encoder_layers, decoder_layers)
+        self._init_weights()
 
-    def _init_weights(self, encoder_layers: int, decoder_layers: int) -> None:
-        """Normal(0, 0.02) as in GPT-2, with each residual projection scaled down by the number of branches
-        adding into its stream (two per encoder layer, three per decoder layer). A source table of its own
-        starts at std ``n_embd ** -0.5`` instead: after the ``sqrt(n_embd)`` scale its vectors are as loud as
-        the sine/cosine codes, where at 0.02 the encoder barely sees which token it reads and learns several
-        times more slowly. The target table stays at 0.02: larger target vectors made training unstable in
-        our runs, and tied to the output they start the model off repeating its input token."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+    def _init_weights(self) -> None:
+        """The shared Transformer init (Normal(0, 0.02), residual projections scaled down by the branches adding
+        into their stream: two per encoder layer, three per decoder layer), but a source table of its own starts
+        at std ``n_embd ** -0.5``: after the ``sqrt(n_embd)`` scale its vectors are as loud as the sine/cosine
+        codes, where at 0.02 the encoder barely sees which token it reads and learns several times more slowly.
+        The target table stays at 0.02: larger target vectors made training unstable in our runs, and tied to
+        the output they start the model off repeating its input token."""
+        init_weights(self)
         if self.src_embedding is not self.tgt_embedding:
             nn.init.normal_(self.src_embedding.weight, std=self.src_embedding.embedding_dim**-0.5)
         for p in self.parameters(recurse=False):  # learned position tables
             nn.init.normal_(p, std=0.02)
-        for blocks, branches in ((self.encoder, 2 * encoder_layers), (self.decoder, 3 * decoder_layers)):
-            for name, p in blocks.named_parameters():
-                if name.endswith("proj.weight"):
-                    nn.init.normal_(p, std=0.02 / math.sqrt(branches))
+        init_residual_outputs(self.encoder)
+        init_residual_outputs(self.decoder)
 
     def _embed(self, ids: torch.Tensor, table: nn.Embedding, positions: torch.Tensor, start: int) -> torch.Tensor:
         end = start + ids.size(1)

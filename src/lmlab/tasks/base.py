@@ -1,9 +1,12 @@
 """What every task shares: building its network from config, optimizers and schedules, finite-loss
-checks, exact-resume RNG state, and the extras that make a checkpoint self-contained."""
+checks, the validation and test loops with their metrics, inference mode, exact-resume RNG state, and the
+extras that make a checkpoint self-contained."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +14,24 @@ import hydra
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
 
 from lmlab import __version__
 from lmlab.errors import NonFiniteLossError
 from lmlab.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
+#: the evaluation stages, as metric names start (``val/loss``, ``test/loss``)
+STAGES = ("val", "test")
+
 
 class TaskModule(L.LightningModule):
-    """Base LightningModule. Subclasses implement :meth:`build_network` and the step methods.
+    """Base LightningModule. A task gives
+
+    - :meth:`training_step`, and :meth:`eval_step`, which returns a batch's mean loss and its weight after
+      updating ``self.scores[stage]`` (the task's :meth:`stage_metrics`);
+    - :meth:`epoch_metrics`: what is logged at the end of an evaluation besides ``{stage}/loss``;
+    - :meth:`infer`: outputs for raw texts, as the inference entry point serves them.
 
     Hyperparameters are plain containers only (no networks, partials or config objects), so
     checkpoints load with ``torch.load(weights_only=True)``.
@@ -29,10 +41,16 @@ class TaskModule(L.LightningModule):
     network_inputs: tuple[str, ...] = ("vocab_size",)
     #: the data module class (dotted path) this task reads; the config check rejects other data options
     data_module: str = "lmlab.data.base.TaskDataModule"
+    #: the base class (dotted path) of the networks this task trains; the config check rejects other networks
+    network: str = "torch.nn.Module"
     #: data_info keys (besides the tokenizer) that must be the same in a checkpoint and the data it resumes on
     fixed_by_checkpoint: tuple[str, ...] = ()
     #: data settings the trained network depends on: evaluating on other data keeps the checkpoint's
     checkpoint_data_keys: tuple[str, ...] = ()
+    #: the options :meth:`infer` takes
+    infer_options: tuple[str, ...] = ()
+    #: inference writes one output line per input line (blank for blank); else one JSON record per non-blank line
+    aligned_output: bool = False
 
     def __init__(
         self,
@@ -52,14 +70,72 @@ class TaskModule(L.LightningModule):
         self.net = self.build_network(model, data_info)
         self._forward = torch.compile(self.net) if compile else self.net
         self._pending_rng: dict[str, Any] | None = None
+        self.loss_means = nn.ModuleDict({stage: MeanMetric() for stage in STAGES})
+        self.scores = nn.ModuleDict({stage: self.stage_metrics() for stage in STAGES})
 
     def build_network(self, model: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
         return build_network(model, data_info, self.network_inputs)
 
     def batch_counts(self, batch: Any) -> tuple[int, int]:
         """``(examples, tokens)`` of a training batch, for throughput: the input tensor's rows and elements."""
-        inputs = batch[0] if isinstance(batch, list | tuple) else batch["input_ids"]
-        return inputs.size(0), inputs.numel()
+        return batch[0].size(0), batch[0].numel()
+
+    # -- what a task gives ----------------------------------------------------------------------
+    def stage_metrics(self) -> MetricCollection:
+        """The metrics of one evaluation stage besides the loss (a fresh collection per stage)."""
+        return MetricCollection({})
+
+    def eval_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, int]:
+        """The batch's mean loss and how many items it averages over; updates ``self.scores[stage]``."""
+        raise NotImplementedError
+
+    def epoch_metrics(self, stage: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What an evaluation logs besides ``{stage}/loss``: by default each of ``self.scores[stage]``."""
+        scores = self.scores[stage]
+        return {f"{stage}/{name}": value for name, value in scores.compute().items()} if len(scores) else {}
+
+    def observe_data(self, data_info: dict[str, Any]) -> None:
+        """Take the statistics that metrics read (not the network's inputs) from the data about to be scored."""
+
+    def infer(self, texts: Sequence[str], **options: Any) -> list[Any]:
+        """The task's output for each text (a continuation, a label, a translation)."""
+        raise NotImplementedError
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._update_loss(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._update_loss(batch, "test")
+
+    def _update_loss(self, batch: Any, stage: str) -> None:
+        loss, weight = self.eval_step(batch, stage)
+        self.loss_means[stage].update(loss, weight=weight)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stage("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stage("test")
+
+    def _log_stage(self, stage: str) -> None:
+        # torchmetrics reduces the states across processes in compute(), so logging needs no sync of its own
+        loss = self.loss_means[stage].compute()
+        metrics = {f"{stage}/loss": loss, **self.epoch_metrics(stage, loss)}
+        self.loss_means[stage].reset()
+        self.scores[stage].reset()
+        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=False)
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[torch.device]:
+        """The network in eval mode without gradients, back in its former mode afterwards; yields its device."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                yield next(self.net.parameters()).device
+        finally:
+            self.net.train(was_training)
 
     def datamodule_kwargs(self) -> dict[str, Any]:
         """What a data module needs to serve data the way this trained task expects (its tokenizer)."""

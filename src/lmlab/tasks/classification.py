@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryAUROC,
     MulticlassAccuracy,
@@ -24,7 +24,7 @@ from lmlab.data.batching import pad_batch
 from lmlab.data.classification import TextBatch
 from lmlab.errors import ConfigError, TokenizerError
 from lmlab.registry import register
-from lmlab.tasks.base import TaskModule
+from lmlab.tasks.base import STAGES, TaskModule
 
 log = logging.getLogger("lmlab")
 
@@ -40,8 +40,10 @@ class ClassificationTask(TaskModule):
 
     network_inputs = ("vocab_size", "num_classes", "pad_id", "max_length")
     data_module = "lmlab.data.classification.ClassificationDataModule"
+    network = "lmlab.models.base.ClassifierNetwork"
     checkpoint_data_keys = ("max_length", "add_special_tokens")
     fixed_by_checkpoint = ("labels",)
+    infer_options = ("batch_size",)
 
     def __init__(
         self,
@@ -57,10 +59,11 @@ class ClassificationTask(TaskModule):
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"task.module.label_smoothing must be in [0, 1), got {label_smoothing}.")
         self.register_buffer("class_weight", _class_weights(class_weights, info.get("label_counts"), num_classes))
-        self.loss_means = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
-        self.scores = nn.ModuleDict({stage: _scores(num_classes) for stage in ("val", "test")})
-        self.confusion = nn.ModuleDict({s: MulticlassConfusionMatrix(num_classes) for s in ("val", "test")})
+        self.confusion = nn.ModuleDict({s: MulticlassConfusionMatrix(num_classes) for s in STAGES})
         self.confusion_matrices: dict[str, torch.Tensor] = {}
+
+    def stage_metrics(self) -> MetricCollection:
+        return _scores(self.hparams.data_info["num_classes"])
 
     def datamodule_kwargs(self) -> dict[str, Any]:
         return {**super().datamodule_kwargs(), "labels": self.labels}
@@ -99,7 +102,6 @@ class ClassificationTask(TaskModule):
             100 * n_found / max(len(vocabulary), 1),
             path,
         )
-        self.word_vectors_found = n_found
 
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch: TextBatch, batch_idx: int) -> torch.Tensor:
@@ -116,38 +118,20 @@ class ClassificationTask(TaskModule):
         )
         return loss
 
-    def _eval_step(self, batch: TextBatch, stage: str) -> None:
+    def eval_step(self, batch: TextBatch, stage: str) -> tuple[torch.Tensor, int]:
         logits = self(batch.ids, batch.lengths).float()
-        self.loss_means[stage].update(self._loss(logits, batch.labels), weight=len(batch.labels))
         probs = logits.softmax(-1)
         for metric in self.scores[stage].values():
             metric.update(probs[:, 1] if isinstance(metric, BinaryAUROC) else probs, batch.labels)
         self.confusion[stage].update(probs.argmax(-1), batch.labels)
+        return self._loss(logits, batch.labels), len(batch.labels)
 
-    def validation_step(self, batch: TextBatch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: TextBatch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _log_epoch(self, stage: str) -> None:
-        metrics = {f"{stage}/loss": self.loss_means[stage].compute()}
-        self.loss_means[stage].reset()
-        for name, metric in self.scores[stage].items():
-            metrics[f"{stage}/{name}"] = metric.compute()
-            metric.reset()
+    def epoch_metrics(self, stage: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         self.confusion_matrices[stage] = self.confusion[stage].compute().cpu()
         self.confusion[stage].reset()
-        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+        return super().epoch_metrics(stage, loss)
 
     # -- prediction ---------------------------------------------------------------------------
-    @torch.no_grad()
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Class probabilities ``(len(texts), num_classes)``, encoded exactly as the training data was."""
         if self.tokenizer is None:
@@ -159,30 +143,34 @@ class ClassificationTask(TaskModule):
             raise TokenizerError(
                 f"{len(empty)} text(s) encode to no tokens (first at position {empty[0]}); leave out empty texts."
             )
-        device = next(self.net.parameters()).device
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         probs = torch.empty(len(encoded), len(self.labels))
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with self.inference() as device:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 ids, lengths = pad_batch([encoded[i] for i in rows], info["pad_id"])
                 probs[rows] = self(ids.to(device), lengths.to(device)).float().softmax(-1).cpu()
-        finally:
-            self.net.train(was_training)
         return probs
 
+    def infer(self, texts: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
+        """The most probable label of each text and every label's probability."""
+        probs = self.predict_proba(texts, batch_size=batch_size)
+        return [
+            {"label": self.labels[int(row.argmax())], "probs": dict(zip(self.labels, row.tolist(), strict=True))}
+            for row in probs
+        ]
 
-def _scores(num_classes: int) -> nn.ModuleDict:
+
+def _scores(num_classes: int) -> MetricCollection:
     """Accuracy, macro F1 and AUROC (binary on the positive class's probability, else macro one-vs-rest)."""
     auroc: Metric = BinaryAUROC() if num_classes == 2 else MulticlassAUROC(num_classes, average="macro")
-    return nn.ModuleDict(
+    return MetricCollection(
         {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "f1": MulticlassF1Score(num_classes, average="macro"),
             "auroc": auroc,
-        }
+        },
+        compute_groups=False,
     )
 
 

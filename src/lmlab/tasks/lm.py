@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torchmetrics import MeanMetric
 
 from lmlab.language_model import DATA_MODULE, NETWORK_INPUTS, LanguageModel
 from lmlab.registry import register
@@ -23,11 +22,9 @@ class LanguageModelingTask(TaskModule):
 
     network_inputs = NETWORK_INPUTS
     data_module = DATA_MODULE
+    network = "lmlab.models.base.LanguageModelNetwork"
     checkpoint_data_keys = ("block_size",)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.loss_means = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+    infer_options = LanguageModel.infer_options
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self._forward(idx)[0]
@@ -43,33 +40,26 @@ class LanguageModelingTask(TaskModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
-        loss = self._loss(batch)
-        self.loss_means[stage].update(loss, weight=batch[1].numel())
+    def eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, int]:
+        return self._loss(batch), batch[1].numel()
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _log_epoch(self, stage: str) -> None:
-        mean_loss = self.loss_means[stage].compute()
-        self.loss_means[stage].reset()
+    def epoch_metrics(self, stage: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        metrics = {f"{stage}/ppl": torch.exp(loss)}
         chars_per_token = self.hparams.data_info.get("chars_per_token", {}).get(_SPLIT_NAMES[stage])
-        metrics = {f"{stage}/loss": mean_loss, f"{stage}/ppl": torch.exp(mean_loss)}
         if chars_per_token:
-            metrics[f"{stage}/bpc"] = mean_loss / math.log(2) / chars_per_token
-        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=False)
+            metrics[f"{stage}/bpc"] = loss / math.log(2) / chars_per_token
+        return metrics
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+    def observe_data(self, data_info: dict[str, Any]) -> None:
+        """Bits per character divide by the scored text's characters per token, not the training data's."""
+        self.hparams.data_info["chars_per_token"] = data_info["chars_per_token"]
 
     # -- sampling -----------------------------------------------------------------------------
     def generate_text(self, prompt: str, **options: Any) -> list[str]:
         """Continue ``prompt`` with this task's network and tokenizer (``options``: those of
         :meth:`LanguageModel.generate_text`)."""
         return LanguageModel(self.net, self.tokenizer).generate_text(prompt, **options)
+
+    def infer(self, texts: Sequence[str], **options: Any) -> list[dict[str, list[str]]]:
+        """Samples continuing each prompt (``options``: those of :meth:`LanguageModel.generate_text`)."""
+        return LanguageModel(self.net, self.tokenizer).infer(texts, **options)

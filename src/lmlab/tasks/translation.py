@@ -4,6 +4,7 @@ the validation set every ``decode_every_n_epochs`` epochs and of the test set.""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,8 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MetricCollection
 
 from lmlab.data.batching import pad_batch
 from lmlab.data.translation import PairBatch, encode_sources
@@ -64,6 +64,7 @@ class TranslationTask(TaskModule):
 
     network_inputs = ("src_vocab_size", "tgt_vocab_size", "src_pad_id", "tgt_pad_id", "eos_id", "shared_vocabulary")
     data_module = "lmlab.data.translation.TranslationDataModule"
+    network = "lmlab.models.base.Seq2SeqNetwork"
     checkpoint_data_keys = (
         "source_lang",
         "target_lang",
@@ -73,6 +74,8 @@ class TranslationTask(TaskModule):
         "max_target_length",
     )
     fixed_by_checkpoint = ("source_lang", "target_lang")
+    infer_options = ("batch_size", "beam_size", "length_penalty", "max_length_ratio", "max_length_offset")
+    aligned_output = True
 
     def __init__(
         self,
@@ -96,10 +99,11 @@ class TranslationTask(TaskModule):
         }
         info = self.hparams.data_info
         self.pad_id, self.eos_id = info["tgt_pad_id"], info["eos_id"]
-        self.loss_means = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
-        self.bleu = nn.ModuleDict({s: CorpusScore("bleu") for s in ("val", "test")})
-        self.chrf = nn.ModuleDict({s: CorpusScore("chrf") for s in ("val", "test")})
         self._decoding_now = False
+
+    def stage_metrics(self) -> MetricCollection:
+        """sacreBLEU and chrF of decoded text, filled only in the evaluations that decode."""
+        return MetricCollection({"bleu": CorpusScore("bleu"), "chrf": CorpusScore("chrf")}, compute_groups=False)
 
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         return self._forward(src, src_lengths, tgt_in)
@@ -125,13 +129,13 @@ class TranslationTask(TaskModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch.src.size(0))
         return loss
 
-    def _eval_step(self, batch: PairBatch, stage: str) -> None:
+    def eval_step(self, batch: PairBatch, stage: str) -> tuple[torch.Tensor, int]:
         loss, tokens = self._token_losses(batch, 0.0)
-        self.loss_means[stage].update(loss, weight=tokens)
         if self._decoding_now:
-            hypotheses = self.decode_texts(batch.src, batch.src_lengths, self.decoding[stage])
-            self.bleu[stage].update(hypotheses, batch.references)
-            self.chrf[stage].update(hypotheses, batch.references)
+            self.scores[stage].update(
+                self.decode_texts(batch.src, batch.src_lengths, self.decoding[stage]), batch.references
+            )
+        return loss, tokens
 
     def on_validation_epoch_start(self) -> None:
         every = self.hparams.decode_every_n_epochs
@@ -140,28 +144,9 @@ class TranslationTask(TaskModule):
     def on_test_epoch_start(self) -> None:
         self._decoding_now = True
 
-    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: PairBatch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _log_epoch(self, stage: str) -> None:
-        mean_loss = self.loss_means[stage].compute()
-        self.loss_means[stage].reset()
-        metrics = {f"{stage}/loss": mean_loss, f"{stage}/ppl": torch.exp(mean_loss)}
-        if self._decoding_now:
-            metrics[f"{stage}/bleu"] = self.bleu[stage].compute()
-            metrics[f"{stage}/chrf"] = self.chrf[stage].compute()
-            self.bleu[stage].reset()
-            self.chrf[stage].reset()
-        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+    def epoch_metrics(self, stage: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        metrics = {f"{stage}/ppl": torch.exp(loss)}
+        return {**metrics, **super().epoch_metrics(stage, loss)} if self._decoding_now else metrics
 
     # -- decoding -----------------------------------------------------------------------------
     def _pair(self) -> TokenizerPair:
@@ -169,14 +154,11 @@ class TranslationTask(TaskModule):
             raise TokenizerError("This model has no tokenizer attached; load it from a lmlab checkpoint.")
         return self.tokenizer
 
-    @torch.no_grad()
     def decode_ids(self, src: torch.Tensor, src_lengths: torch.Tensor, settings: Decoding) -> list[list[int]]:
         """Target ids (without begin and end tokens) of each source row, by greedy or beam search."""
         cap = self.hparams.data_info["max_target_length"]
         max_lengths = max_target_lengths(src_lengths, settings.max_length_ratio, settings.max_length_offset, cap)
-        was_training = self.net.training
-        self.net.eval()
-        try:
+        with self.inference():
             if settings.beam_size == 1:
                 return greedy_decode(self.net, src, src_lengths, self.eos_id, self.eos_id, max_lengths)
             return beam_search(
@@ -190,8 +172,6 @@ class TranslationTask(TaskModule):
                 settings.length_penalty,
                 settings.early_stopping,
             )
-        finally:
-            self.net.train(was_training)
 
     def decode_texts(self, src: torch.Tensor, src_lengths: torch.Tensor, settings: Decoding) -> list[str]:
         tokenizer = self._pair()
@@ -220,3 +200,8 @@ class TranslationTask(TaskModule):
             for i, text in zip(chunk, self.decode_texts(src.to(device), lengths.to(device), settings), strict=True):
                 out[i] = text
         return out
+
+    def infer(self, texts: Sequence[str], batch_size: int = 64, **decoding: Any) -> list[str]:
+        """Translations of ``texts``; ``decoding`` settings not given are the test decoding's."""
+        settings = Decoding.from_config({**dataclasses.asdict(self.decoding["test"]), **decoding}, "decoding")
+        return self.translate(texts, settings, batch_size=batch_size)

@@ -1,0 +1,15 @@
+"""The normalization a Transformer applies before each residual branch and at the end."""
+
+from __future__ import annotations
+
+from torch import nn
+
+#: ``model.norm``: LayerNorm (GPT-2, BERT) or RMSNorm (Llama: rescales without centering, no bias)
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(kind: str, dim: int, bias: bool, eps: float) -> nn.Module:
+    """A ``kind`` norm over the last ``dim`` features; ``bias`` applies to LayerNorm only (RMSNorm has none)."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    return nn.LayerNorm(dim, eps=eps, bias=bias)
