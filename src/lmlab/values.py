@@ -117,6 +117,11 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
         "n_head": POSITIVE_INT,
         "n_embd": POSITIVE_INT,
         "dropout": FRACTION,
+        "n_kv_head": POSITIVE_INT,
+        "mlp_hidden": POSITIVE_INT,
+        "mlp_multiple_of": POSITIVE_INT,
+        "rope_theta": Range(float, gt=0),
+        "norm_eps": Range(float, gt=0),
     },
     "lmlab.models.rnn.RecurrentLM": {
         "n_embd": POSITIVE_INT,
