@@ -99,6 +99,20 @@ def test_sigterm_stops_at_batch_ends() -> None:
     assert isinstance(L.Trainer.received_sigterm, property)
 
 
+def test_signal_connector_and_worker_watcher() -> None:
+    # preemption: with several processes, Lightning's signal handlers are not installed (their SIGTERM handler
+    # makes a collective call), the agreed stop is set on the connector's flag, and the launcher's watcher of
+    # the DDP workers takes the agreed exit status as a clean end
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    assert list(inspect.signature(_SignalConnector.register_signal_handlers).parameters) == ["self"]
+    assert "received_sigterm" in inspect.getsource(_SignalConnector.__init__)
+    assert "_signal_connector" in inspect.getsource(L.Trainer.__init__)
+    assert callable(_ChildProcessObserver._run)
+    assert "_child_processes" in inspect.getsource(_ChildProcessObserver.__init__)
+
+
 @pytest.mark.parametrize("metric", [BLEU(), CHRF()], ids=["bleu", "chrf"])
 def test_sacrebleu_statistics_functions(metric) -> None:
     # metrics.CorpusScore sums sufficient statistics across batches and processes, then scores them
