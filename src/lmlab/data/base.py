@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from lmlab.data.batching import EpochBatchSampler
 from lmlab.data.cache import cache_key, cached_dir
@@ -181,9 +181,15 @@ class TaskDataModule(L.LightningDataModule):
     def loader(self, data: Dataset, batch_sampler: Iterable[list[int]]) -> DataLoader:
         """A DataLoader with its own generator: otherwise every pass over a loader (each epoch, each
         validation) draws from the global RNG, which a run resumed past that point would not repeat."""
+        if isinstance(batch_sampler, BatchSampler):
+            # examples cut into batches: handed over as such, so that Lightning can replace the sampler of
+            # examples (by a sequential one, for trainer.overfit_batches)
+            batching = {k: getattr(batch_sampler, k) for k in ("sampler", "batch_size", "drop_last")}
+        else:
+            batching = {"batch_sampler": batch_sampler}
         return DataLoader(
             data,
-            batch_sampler=batch_sampler,
+            **batching,
             collate_fn=as_batch,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.storage import BatchedDataset, MappedArray, save_tokens
@@ -75,30 +75,19 @@ class EpochBlockSampler(Sampler[int]):
             yield offset + block * self.block_size
 
 
-class BlockBatches(Sampler[list[int]]):
+class BlockBatches(BatchSampler):
     """Batches of ``batch_size`` consecutive starts of an :class:`EpochBlockSampler` (the last partial one
-    dropped), resumable by batches done; Lightning sets the epoch on :attr:`sampler`."""
+    dropped), resumable by batches done."""
 
     def __init__(self, sampler: EpochBlockSampler, batch_size: int) -> None:
-        self.sampler, self.batch_size = sampler, batch_size
+        super().__init__(sampler, batch_size, drop_last=True)
 
     @property
     def per_rank(self) -> int:
-        return len(self.sampler) // self.batch_size
+        return len(self)
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
-        self.sampler.resume_at(epoch, batches_done * self.batch_size)
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batch: list[int] = []
-        for start in self.sampler:
-            batch.append(start)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
+        self.sampler.resume_at(epoch, batches_done * self.batch_size)  # type: ignore[attr-defined]
 
 
 @register("data")
