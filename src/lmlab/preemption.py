@@ -89,10 +89,12 @@ class StopSignals:
             if not stopping_together:
                 signal.signal(signum, handler)
             # The processes stop together, and exit right after: a signal that reaches this one late (SLURM
-            # signals each task on its own) must not kill it with another status first. A Ctrl-C still
-            # stops at once when it is this process's second stop signal.
+            # signals each task on its own) must not kill it with another status first. Ignored by the
+            # operating system, not by a Python handler: the interpreter resets its own handlers to the
+            # default when it shuts down, and the late signal may arrive then. A Ctrl-C still stops at once
+            # when it is this process's second stop signal.
             elif signum != signal.SIGINT:
-                signal.signal(signum, _ignore_late)
+                signal.signal(signum, signal.SIG_IGN)
             elif self._local is None:
                 signal.signal(signum, _IgnoreFirst(handler))
             else:
@@ -295,10 +297,6 @@ def _expect_workers_to_exit_with(status: int) -> None:
         thread._run = run
 
 
-def _ignore_late(signum: int, frame: FrameType | None) -> None:
-    log.info("%s: ignored, the run is stopping already.", signal_name(signum))
-
-
 class _IgnoreFirst:
     """Ignores one signal, then hands the next ones to ``previous``."""
 
@@ -306,7 +304,7 @@ class _IgnoreFirst:
         self.previous = previous
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
-        _ignore_late(signum, frame)
+        log.info("%s: ignored, the run is stopping already.", signal_name(signum))
         signal.signal(signum, self.previous)
 
 
