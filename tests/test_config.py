@@ -147,17 +147,16 @@ def _check_network_output(net: torch.nn.Module, model: DictConfig) -> None:
 
 def _local_files(source: DictConfig, tmp_path: Path) -> list[str]:
     """Local files for a data option whose files are left to the user (``???``)."""
-    if "train" in source and OmegaConf.is_missing(source.train, "source"):
+    if "train" in source and OmegaConf.is_missing(source.train, "src"):
         pairs = [json.loads(line) for line in write_pairs(tmp_path / "p.jsonl", 64, 0).read_text().splitlines()]
         for lang in ("en", "de"):
             (tmp_path / f"train.{lang}").write_text("\n".join(p[lang] for p in pairs) + "\n", encoding="utf-8")
         return [
-            f"data.source.train.{role}={tmp_path / f'train.{lang}'}"
-            for role, lang in (("source", "en"), ("target", "de"))
+            f"data.source.train.{role}={tmp_path / f'train.{lang}'}" for role, lang in (("src", "en"), ("tgt", "de"))
         ]
     if "train_files" not in source.keys() or not OmegaConf.is_missing(source, "train_files"):
         return []
-    if "source" in source.get("columns", {}):
+    if "src" in source.get("columns", {}):
         return [f"data.source.train_files={write_pairs(tmp_path / 'pairs.jsonl', 64, 0)}"]
     if "columns" in source:
         return [f"data.source.train_files={write_labeled(tmp_path / 'labeled.jsonl', 64, 0)}"]

@@ -35,7 +35,7 @@ MANDATORY = {
     "text_files": {"data.source.train_files"},
     "labeled_files": {"data.source.train_files"},
     "translation_files": {"data.source.train_files"},
-    "aligned_text": {"data.source.train.source", "data.source.train.target"},
+    "aligned_text": {"data.source.train.src", "data.source.train.tgt"},
 }
 #: an option's own settings, in YAML lines that are neither comments nor blank (its defaults list included)
 MAX_OWN_LINES = 20
@@ -125,7 +125,7 @@ def test_base_is_used_and_lands_in_the_data_package(base: str, cfg_of) -> None:
 
 
 def test_translation_columns_named_after_the_languages_live_in_one_place() -> None:
-    mapping = {"source": "${data.source_lang}", "target": "${data.target_lang}"}
+    mapping = {"src": "${data.source_lang}", "tgt": "${data.target_lang}"}
     holders = [
         name
         for name in (*DATA, *BASES)

@@ -20,10 +20,14 @@ from typing import Any
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 
 from conftest import QUIET, Command, script
+from lmlab.config import data_options, user_options
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
+#: puts the plugin's configs on Hydra's search path
+SEARCH_PATH = "hydra.searchpath=[pkg://lmlab_tagging.conf]"
 #: the plugin's entry point, as its pyproject.toml declares it
 ENTRY_POINT = '[project.entry-points."lmlab.plugins"]\ntagging = "lmlab_tagging"'
 
@@ -70,7 +74,7 @@ def train_args(data: Path, *extra: str) -> list[str]:
     """The ``lmlab-train`` command line of a fast tagging run."""
     return [
         script("lmlab-train"),
-        "hydra.searchpath=[pkg://lmlab_tagging.conf]",
+        SEARCH_PATH,
         "task=tagging",
         f"data.source.train_files={data / 'train.jsonl'}",
         f"data.source.val_files={data / 'val.jsonl'}",
@@ -180,3 +184,61 @@ def test_predict_tags_each_word(runs: dict[str, Any]) -> None:
     assert [r["line"] for r in records] == [1, 3]
     for record in records:
         assert record["tags"] == [TAG_OF[word] for word in record["tokens"]]
+
+
+# -- where lmlab lists options, it lists those of the search path's folders ------------------------------
+@pytest.fixture(scope="module")
+def listings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``lmlab-train --help``, and a run of the plugin's task on lmlab's data, with the plugin's configs on the
+    search path (side by side)."""
+    tmp = tmp_path_factory.mktemp("extension_options")
+    importable = plugin_env(tmp, entry_point=False)
+    commands = {
+        "help": Command([script("lmlab-train"), SEARCH_PATH, "--help"], tmp, "help", importable),
+        "other_data": Command(
+            [script("lmlab-train"), SEARCH_PATH, "task=tagging", "data=pydoc", *QUIET], tmp, "other_data", importable
+        ),
+    }
+    for command in commands.values():
+        command.wait()
+    return {"commands": commands}
+
+
+def _listing(text: str) -> dict[str, list[str]]:
+    """``group: option, ...`` lines (of ``--help``, or :func:`user_options`) as each group's options."""
+    return {group: options.split(", ") for group, _, options in (line.partition(": ") for line in text.splitlines())}
+
+
+def test_help_lists_the_plugins_options(listings: dict[str, Any]) -> None:
+    listing = _listing(ok(listings, "help").stdout.split("== Config ==")[0])
+    for group, option in (("task", "tagging"), ("data", "tagging_files"), ("model", "bigru_tagger")):
+        assert option in listing[group], (group, listing[group])
+    assert {"lm", "pydoc", "gpt"} <= {*listing["task"], *listing["data"], *listing["model"]}  # lmlab's own stay
+    assert "base/tagging" not in listing["data"]
+
+
+def test_refusal_of_another_tasks_data_names_the_plugins_data(listings: dict[str, Any]) -> None:
+    refused = listings["commands"]["other_data"]
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "data=pydoc is data for another task: task=tagging" in refused.stderr
+    assert "Pick one of data=tagging_files." in refused.stderr
+
+
+def test_options_of_a_folder_on_the_search_path_are_listed(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, a ``file://`` folder: its nested options are listed, its callback pieces are not, and its
+    data option's base may be one of lmlab's."""
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)  # others read lmlab's alone
+    conf = tmp_path / "conf"
+    for folder in ("data", "experiment/mine", "callbacks"):
+        (conf / folder).mkdir(parents=True)
+    (conf / "data" / "my_text.yaml").write_text("defaults:\n  - base/lm\n  - _self_\n")
+    (conf / "experiment" / "mine" / "small.yaml").write_text("# @package _global_\nseed: 1\n")
+    (conf / "callbacks" / "my_callback.yaml").write_text("my_callback:\n  _target_: builtins.dict\n")
+    make_cfg([f"hydra.searchpath=[file://{conf}]"])
+    listing = _listing(user_options("train"))
+    assert "my_text" in listing["data"] and "pydoc" in listing["data"]
+    assert "mine/small" in listing["experiment"]
+    assert "my_callback" not in listing["callbacks"]
+    assert data_options()["my_text"] == data_options()["pydoc"] == "lmlab.data.lm.LMDataModule"

@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 from conftest import FAST, Command, compose_cfg, script
 from lmlab import language_model, registry
-from lmlab.checkpoint import REGISTERED_BY_NAME, _init_keys, load_language_model, load_task
-from lmlab.config import locate
+from lmlab.checkpoint import REGISTERED_BY_NAME, load_language_model, load_task
+from lmlab.config import accepted_keys, locate
 from lmlab.errors import CheckpointMismatchError, ConfigError
 from lmlab.generate import generate_samples
 from lmlab.language_model import LanguageModel
@@ -177,4 +177,4 @@ def test_what_loading_knows_without_importing_the_task_is_the_tasks() -> None:
     assert locate(language_model.TASK) is LanguageModelingTask
     assert LanguageModelingTask.network_inputs == language_model.NETWORK_INPUTS
     assert LanguageModelingTask.data_module == language_model.DATA_MODULE
-    assert _init_keys(LanguageModelingTask) == language_model.TASK_KEYWORDS
+    assert accepted_keys(LanguageModelingTask) == language_model.TASK_KEYWORDS

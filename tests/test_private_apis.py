@@ -4,6 +4,7 @@ moved, rather than somewhere deep in a run."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import lightning as L
@@ -125,9 +126,33 @@ def test_sacrebleu_statistics_functions(metric) -> None:
 
 
 def test_hydra_group_options_for_completion() -> None:
-    # cli._complete_models_of_the_task wraps the loader's listing of a group's options
+    # cli._complete_what_users_pick wraps the loader's listing of a group's options
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
     parameters = list(inspect.signature(ConfigLoaderImpl.get_group_options).parameters)
     assert parameters == ["self", "group_name", "results_filter", "config_name", "overrides"]
     assert callable(ConfigLoaderImpl.load_configuration)
+
+
+def test_hydra_config_repository_for_help_and_data_options() -> None:
+    # config._config_repository reads the running app's folders through Hydra's repository
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+    from hydra.conf import ConfigSourceInfo, RuntimeConf
+    from hydra.core.default_element import ConfigDefault, GroupDefault
+    from hydra.core.plugins import Plugins
+
+    from lmlab.config import config_dir
+
+    Plugins.instance()
+    search_path = ConfigSearchPathImpl()
+    search_path.append("lmlab", f"file://{config_dir()}")
+    repo = ConfigRepository(search_path)
+    loaded = repo.load_config("data/pydoc")
+    assert loaded is not None and any(isinstance(d, ConfigDefault) for d in loaded.defaults_list)
+    train = repo.load_config("train")
+    assert train is not None and any(isinstance(d, GroupDefault) and d.group == "data" for d in train.defaults_list)
+    assert "pydoc" in repo.get_group_options("data")
+    # the running app's folders: HydraConfig.get().runtime.config_sources
+    assert "config_sources" in {f.name for f in dataclasses.fields(RuntimeConf)}
+    assert {"provider", "path", "schema"} <= {f.name for f in dataclasses.fields(ConfigSourceInfo)}

@@ -140,8 +140,9 @@ ROWS: dict[str, Row] = {
     "lmlab-train task=translation data=translation_files data.source.train_files=train.parquet "
     "data.source.val_files=valid.parquet data.source.test_files=test.parquet data.source_lang=de "
     "data.target_lang=en": Row(add=f"{MT_STEPS} {SMALL_TRANSFORMER}"),
-    "lmlab-train task=translation data=aligned_text data.source.train.source=train.de "
-    "data.source.train.target=train.en": Row(add=f"{MT_STEPS} {SMALL_TRANSFORMER}"),
+    "lmlab-train task=translation data=aligned_text data.source.train.src=train.de data.source.train.tgt=train.en": Row(
+        add=f"{MT_STEPS} {SMALL_TRANSFORMER}"
+    ),
     "lmlab-translate ckpt_path=logs/multi30k_transformer/runs/<run>/checkpoints/last.ckpt input=test.de "
     "beam_size=5": Row(),
     "cat test.de | lmlab-translate ckpt_path=... length_penalty=0.6 > test.hyp": Row(),

@@ -285,7 +285,7 @@ def test_network_learns_to_reverse_sequences(name: str) -> None:
         ),
         (
             lambda: TransformerSeq2Seq(**JOINT, positions="rotary"),
-            r"model\.positions must be one of sinusoidal, learned, got 'rotary'",
+            r"model\.positions must be one of learned, sinusoidal, rope, got 'rotary'",
         ),
         (lambda: TransformerSeq2Seq(**JOINT, n_embd=30, n_head=4), r"model\.n_embd \(30\) must be divisible"),
         (

@@ -1,7 +1,10 @@
 """The Transformer's composable parts: every norm x MLP x position x key/value-head choice of GPT decodes
 with its KV cache exactly as a full forward pass does; grouped- and multi-query attention shrink the key and
 value projections; RMSNorm, SwiGLU and RoPE agree with independent hand computations, and RoPE scores depend
-only on relative positions; bad choices name the config key; the checkpoint fixtures still give their logits."""
+only on relative positions; bad choices name the config key; the checkpoint fixtures still give their logits.
+The Transformer classifier and the seq2seq Transformer offer the same choices: each builds the parts it names
+(rope in self-attention only), every combination runs, decodes with its cache and ignores padding, the
+defaults of the signatures and of ``conf/model`` are today's networks, and the start-up check takes the keys."""
 
 from __future__ import annotations
 
@@ -12,14 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
 
+from lmlab.config import config_dir, validate_config
 from lmlab.errors import ConfigError
 from lmlab.generation import generate
-from lmlab.models import GPT
-from lmlab.models.mlp import SwiGLU, mlp_hidden_size
+from lmlab.models import GPT, TransformerClassifier
+from lmlab.models.attention import CrossAttention, SelfAttention
+from lmlab.models.mlp import GeluMLP, SwiGLU, mlp_hidden_size
 from lmlab.models.norms import make_norm
 from lmlab.models.positions import RotaryEmbedding
+from lmlab.models.seq2seq import TransformerSeq2Seq
 from lmlab.models.transformer import BlockSpec
+from lmlab.runtime import build_network
 
 VOCAB, N_HEAD, N_EMBD = 23, 4, 32
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
@@ -256,8 +265,6 @@ def test_block_spec_defaults_are_the_original_transformer() -> None:
 # -- checkpoints of today's code ------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["lm_gpt", "cls_transformer", "mt_transformer"])
 def test_transformer_fixtures_load_strictly_and_give_their_logits(name: str) -> None:
-    from lmlab.runtime import build_network
-
     checkpoint = torch.load(FIXTURES / f"{name}.ckpt", map_location="cpu", weights_only=False)
     hyper = checkpoint["hyper_parameters"]
     inputs = {"lm": ("vocab_size", "block_size"), "cls": ("vocab_size", "num_classes", "pad_id", "max_length")}
@@ -269,3 +276,216 @@ def test_transformer_fixtures_load_strictly_and_give_their_logits(name: str) -> 
     with torch.no_grad():
         out = net.eval()(*recorded["inputs"])
     assert torch.equal(out[0] if name.startswith("lm_") else out, recorded["logits"])
+
+
+# -- the same choices on the Transformer classifier and the seq2seq Transformer -------------------------
+CLASSES, PAD, TGT_VOCAB = 3, 0, VOCAB + 3
+#: the settings the encoder and encoder-decoder took over from GPT, besides ``positions``
+PART_KEYS = ("norm", "norm_eps", "mlp", "mlp_hidden", "mlp_multiple_of", "n_kv_head", "rope_theta")
+
+
+def _classifier(**choices) -> TransformerClassifier:
+    torch.manual_seed(0)
+    sizes = {"n_layer": 2, "n_head": N_HEAD, "n_embd": N_EMBD, "dropout": 0.0, **choices}
+    return TransformerClassifier(VOCAB, CLASSES, PAD, max_length=16, **sizes).eval()
+
+
+def _seq2seq(**choices) -> TransformerSeq2Seq:
+    torch.manual_seed(0)
+    sizes = {"n_head": N_HEAD, "n_embd": N_EMBD, "encoder_layers": 2, "decoder_layers": 2, "dropout": 0.0, **choices}
+    return TransformerSeq2Seq(VOCAB, TGT_VOCAB, PAD, PAD, False, max_positions=24, **sizes).eval()
+
+
+BUILDERS = {"classifier": _classifier, "seq2seq": _seq2seq}
+
+
+def _texts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two right-padded texts ``(2, 12)`` of 12 and 7 tokens."""
+    ids, lengths = _tokens(length=12), torch.tensor([12, 7])
+    return ids.masked_fill(torch.arange(12)[None, :] >= lengths[:, None], PAD), lengths
+
+
+def _pairs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two right-padded sources ``(2, 10)`` of 10 and 6 tokens, and target inputs ``(2, 8)``."""
+    src, src_lengths = _tokens(length=10, seed=2), torch.tensor([10, 6])
+    src = src.masked_fill(torch.arange(10)[None, :] >= src_lengths[:, None], PAD)
+    return src, src_lengths, _tokens(length=8, seed=3)
+
+
+def _outputs(net: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return net(*_texts()) if isinstance(net, TransformerClassifier) else net(*_pairs())
+
+
+def _parts(net: nn.Module, *kinds: type) -> list[nn.Module]:
+    return [m for m in net.modules() if isinstance(m, kinds)]
+
+
+def _encoder_outputs(net: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """What the encoder's final norm gives for ``ids``, ``(B, T, C)`` (the classifier's only for mean pooling,
+    where no [CLS] vector comes first)."""
+    outputs = []
+    classifier = isinstance(net, TransformerClassifier)
+    hook = (net.ln_f if classifier else net.ln_enc).register_forward_hook(lambda *args: outputs.append(args[2]))
+    with torch.no_grad():
+        net(ids, lengths) if classifier else net.encode(ids, lengths)
+    hook.remove()
+    return outputs[0]
+
+
+@pytest.mark.parametrize(("norm", "mlp", "positions", "n_kv_head"), COMBINATIONS)
+def test_every_combination_classifies_whatever_the_padding(norm: str, mlp: str, positions: str, n_kv_head: int) -> None:
+    net = _classifier(norm=norm, mlp=mlp, positions=positions, n_kv_head=n_kv_head)
+    ids, lengths = _texts()
+    with torch.no_grad():
+        logits = net(ids, lengths)
+        alone = net(ids[1:, :7], lengths[1:])
+    assert logits.shape == (2, CLASSES) and logits.isfinite().all()
+    torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("norm", "mlp", "positions", "n_kv_head"), COMBINATIONS)
+def test_every_combination_translates_step_by_step_as_teacher_forced(
+    norm: str, mlp: str, positions: str, n_kv_head: int
+) -> None:
+    net = _seq2seq(norm=norm, mlp=mlp, positions=positions, n_kv_head=n_kv_head)
+    src, src_lengths, tgt_in = _pairs()
+    with torch.no_grad():
+        forced = net(src, src_lengths, tgt_in)
+        memory, state, steps = net.encode(src, src_lengths), None, []
+        for t in range(tgt_in.size(1)):
+            logits, state = net.decode_step(tgt_in[:, t], memory, state)
+            steps.append(logits)
+        alone = net(src[1:, :6], src_lengths[1:], tgt_in[1:])
+    assert forced.shape == (2, 8, TGT_VOCAB) and forced.isfinite().all()
+    torch.testing.assert_close(torch.stack(steps, dim=1), forced, atol=1e-5, rtol=0)
+    torch.testing.assert_close(forced[1:], alone, atol=1e-5, rtol=0)
+    head_size = N_EMBD // N_HEAD
+    assert all(k.shape == v.shape == (2, n_kv_head, 8, head_size) for k, v in state)
+    assert all(k.shape == v.shape == (2, n_kv_head, 10, head_size) for k, v in memory["keys_values"])
+
+
+@pytest.mark.parametrize("model", list(BUILDERS))
+def test_each_choice_builds_the_parts_it_names(model: str) -> None:
+    build, head_size = BUILDERS[model], N_EMBD // N_HEAD
+    default = build()
+
+    def kinds(net: nn.Module, *among: type) -> set[type]:
+        return {type(m) for m in _parts(net, *among)}
+
+    assert kinds(default, nn.LayerNorm, nn.RMSNorm) == {nn.LayerNorm}
+    assert kinds(build(norm="rmsnorm"), nn.LayerNorm, nn.RMSNorm) == {nn.RMSNorm}
+    assert kinds(default, GeluMLP, SwiGLU) == {GeluMLP}
+    swiglu = _parts(build(mlp="swiglu", mlp_hidden=40), GeluMLP, SwiGLU)
+    assert swiglu and all(isinstance(m, SwiGLU) and m.gate.weight.shape == (40, N_EMBD) for m in swiglu)
+    for n_kv_head in [N_HEAD, 2, 1]:
+        net = build(n_kv_head=n_kv_head)
+        kv_rows = 2 * n_kv_head * head_size
+        assert all(m.qkv.weight.shape == (N_EMBD + kv_rows, N_EMBD) for m in _parts(net, SelfAttention))
+        assert all(m.kv.weight.shape == (kv_rows, N_EMBD) for m in _parts(net, CrossAttention))
+    assert all(m.rotary is None for m in _parts(default, SelfAttention))
+    rope = build(positions="rope", rope_theta=500.0)
+    rotaries = [m.rotary for m in _parts(rope, SelfAttention)]
+    assert rotaries and all(isinstance(r, RotaryEmbedding) and r.theta == 500.0 for r in rotaries)
+    assert not any(_parts(cross, RotaryEmbedding) for cross in _parts(rope, CrossAttention))
+    tables = [name for name in dict(rope.named_parameters()) | dict(rope.named_buffers()) if "positions" in name]
+    assert tables == [], "rotary positions add nothing to the token vectors"
+
+
+@pytest.mark.parametrize("model", list(BUILDERS))
+def test_every_position_scheme_sees_word_order_in_the_encoder(model: str) -> None:
+    """Bidirectional attention without positions is blind to word order: the encoder's outputs for a text with
+    its first and last tokens swapped would be its outputs swapped. Each scheme tells the two texts apart."""
+    ids, swap, lengths = torch.tensor([[5, 7, 3, 9, 11, 2]]), torch.tensor([5, 1, 2, 3, 4, 0]), torch.tensor([6])
+    for positions in ["learned", "sinusoidal", "rope"]:
+        net = (
+            _classifier(positions=positions, pooling="mean") if model == "classifier" else _seq2seq(positions=positions)
+        )
+        swapped = _encoder_outputs(net, ids[:, swap], lengths)
+        # rope's share is small under the seq2seq init's near-uniform attention, but far above rounding error
+        assert (swapped - _encoder_outputs(net, ids, lengths)[:, swap]).abs().max() > 1e-6, positions
+
+
+@pytest.mark.parametrize(
+    ("model", "config"), [("classifier", "transformer_encoder"), ("seq2seq", "transformer_seq2seq")]
+)
+def test_default_choices_are_todays_network(model: str, config: str) -> None:
+    """The new settings at their signature defaults or at the values of ``conf/model`` build the network the
+    model built before they existed: the same parameters, initialized alike, and the same outputs."""
+    yaml = OmegaConf.load(Path(config_dir()) / "model" / f"{config}.yaml")
+    before = BUILDERS[model]()
+    for settings in [{}, {key: yaml[key] for key in (*PART_KEYS, "positions")}]:
+        after = BUILDERS[model](**settings)
+        assert list(after.state_dict()) == list(before.state_dict())
+        assert all(torch.equal(t, before.state_dict()[name]) for name, t in after.state_dict().items())
+        assert torch.equal(_outputs(after), _outputs(before))
+
+
+@pytest.mark.parametrize("model", list(BUILDERS))
+@pytest.mark.parametrize(
+    ("choices", "key", "valid"),
+    [
+        ({"norm": "batchnorm"}, "model.norm", "layernorm, rmsnorm"),
+        ({"mlp": "relu"}, "model.mlp", "gelu, swiglu"),
+        ({"positions": "alibi"}, "model.positions", "learned, sinusoidal, rope"),
+        ({"n_kv_head": 3}, "model.n_kv_head", "null, 1, 2, 4"),
+        ({"positions": "rope", "n_embd": 12}, "model.positions=rope", "must be even"),
+        ({"positions": "rope", "rope_theta": -1.0}, "model.rope_theta", "positive"),
+        ({"mlp_multiple_of": 0}, "model.mlp_multiple_of", "positive"),
+        ({"norm_eps": 0.0}, "model.norm_eps", "positive"),
+    ],
+)
+def test_bad_choices_on_the_encoder_models_name_the_key(model: str, choices: dict, key: str, valid: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        BUILDERS[model](**choices)
+    assert key in str(info.value) and valid in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("task", "model", "positions", "inputs"),
+    [
+        ("lm", "gpt", "position", {"vocab_size": VOCAB, "block_size": 16}),
+        (
+            "classification",
+            "transformer_encoder",
+            "positions",
+            {"vocab_size": VOCAB, "num_classes": 2, "pad_id": 0, "max_length": 16},
+        ),
+        (
+            "translation",
+            "transformer_seq2seq",
+            "positions",
+            {
+                "src_vocab_size": VOCAB,
+                "tgt_vocab_size": VOCAB,
+                "src_pad_id": 0,
+                "tgt_pad_id": 0,
+                "shared_vocabulary": True,
+            },
+        ),
+    ],
+)
+def test_the_start_up_check_takes_the_part_keys_and_their_ranges(
+    task: str, model: str, positions: str, inputs: dict, make_cfg
+) -> None:
+    """Every part key is a key of each model's config, set from the command line and checked against its
+    range before any data is read; a choice outside its options fails as the network is built, naming its key."""
+    base = [f"task={task}", f"model={model}", "model.n_embd=32", "model.n_head=4"]
+    chosen = ["model.norm=rmsnorm", "model.mlp=swiglu", f"model.{positions}=rope", "model.n_kv_head=2"]
+    cfg = make_cfg([*base, *chosen, "model.rope_theta=500", "model.mlp_hidden=48", "model.norm_eps=1e-6"])
+    validate_config(cfg)
+    net = build_network(OmegaConf.to_container(cfg.model), inputs, tuple(inputs))
+    attn, mlp, norm = _parts(net, SelfAttention)[0], _parts(net, SwiGLU)[0], _parts(net, nn.RMSNorm)[0]
+    assert attn.qkv.weight.shape[0] == N_EMBD + 2 * 2 * (N_EMBD // N_HEAD) and attn.rotary.theta == 500.0
+    assert mlp.gate.weight.shape[0] == 48 and norm.eps == 1e-6
+    for override, message in [
+        ("model.n_kv_head=0", "model.n_kv_head=0: it must be an integer >= 1"),
+        ("model.rope_theta=0", "model.rope_theta=0: it must be a number > 0"),
+        ("model.mlp_multiple_of=0", "model.mlp_multiple_of=0: it must be an integer >= 1"),
+        ("model.norm_eps=-1", "model.norm_eps=-1: it must be a number > 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate_config(make_cfg([*base, override]))
+    bogus = make_cfg([*base, "model.norm=bogus"])
+    with pytest.raises(ConfigError, match="model.norm must be one of layernorm, rmsnorm, got 'bogus'"):
+        build_network(OmegaConf.to_container(bogus.model), inputs, tuple(inputs))

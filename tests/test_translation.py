@@ -277,7 +277,7 @@ def test_eval_on_other_data_keeps_the_checkpoints_direction(tmp_path: Path, make
     left_out = evaluate(make_cfg([f"ckpt_path={ckpt}", *files], config_name="eval", run_dir=tmp_path / "eval"))
     scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())["data"]
     assert (scored["source_lang"], scored["target_lang"]) == ("de", "en")
-    assert scored["source"]["columns"] == {"source": "de", "target": "en"}
+    assert scored["source"]["columns"] == {"src": "de", "tgt": "en"}
     given = evaluate(
         make_cfg([f"ckpt_path={ckpt}", *files, "data.source_lang=de", "data.target_lang=en"], config_name="eval")
     )

@@ -36,7 +36,7 @@ def _module(tmp_path: Path, source, **kwargs) -> TranslationDataModule:
 def _files(folder: Path, n: int = 200) -> TableFiles:
     return TableFiles(
         str(write_pairs(folder / "train.jsonl", n, 0)),
-        {"source": "en", "target": "de"},
+        {"src": "en", "tgt": "de"},
         val_files=str(write_pairs(folder / "val.jsonl", 20, 1)),
     )
 
@@ -110,9 +110,7 @@ def test_joint_and_separate_vocabularies(tmp_path: Path) -> None:
 def test_aligned_text_files_read_line_by_line_and_skip_empty_pairs(tmp_path: Path, caplog) -> None:
     (tmp_path / "train.en").write_text("one cat\n\ntwo dogs\nred\n" * 10, encoding="utf-8")
     (tmp_path / "train.de").write_text("eine katze\nleer\nzwei hunde\n\n" * 10, encoding="utf-8")
-    source = AlignedTextFiles(
-        {"source": str(tmp_path / "train.en"), "target": str(tmp_path / "train.de")}, val_fraction=0.2
-    )
+    source = AlignedTextFiles({"src": str(tmp_path / "train.en"), "tgt": str(tmp_path / "train.de")}, val_fraction=0.2)
     with caplog.at_level(logging.WARNING, logger="lmlab"):
         datamodule = _module(tmp_path, source)
     splits = datamodule.meta["splits"]
@@ -124,7 +122,7 @@ def test_aligned_text_files_read_line_by_line_and_skip_empty_pairs(tmp_path: Pat
 def test_unaligned_files_name_both_files_and_their_line_counts(tmp_path: Path) -> None:
     (tmp_path / "a.en").write_text("one\ntwo\nthree\n", encoding="utf-8")
     (tmp_path / "a.de").write_text("eins\nzwei\n", encoding="utf-8")
-    source = AlignedTextFiles({"source": str(tmp_path / "a.en"), "target": str(tmp_path / "a.de")})
+    source = AlignedTextFiles({"src": str(tmp_path / "a.en"), "tgt": str(tmp_path / "a.de")})
     with pytest.raises(DataError, match=r"not aligned: '.*a\.en' has 3 lines and '.*a\.de' has 2"):
         _module(tmp_path, source)
 
@@ -132,14 +130,14 @@ def test_unaligned_files_name_both_files_and_their_line_counts(tmp_path: Path) -
 def test_a_language_pair_missing_from_the_data_names_the_setting(tmp_path: Path) -> None:
     path = write_pairs(tmp_path / "train.jsonl", 20, 0)
     with pytest.raises(DataError, match=r"Column 'fr' is not in .* \(columns: en, de\).*data\.target_lang"):
-        _module(tmp_path, TableFiles(str(path), {"source": "en", "target": "fr"}))
+        _module(tmp_path, TableFiles(str(path), {"src": "en", "tgt": "fr"}))
     nested = tmp_path / "nested.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     nested.write_text("\n".join(json.dumps({"translation": r}) for r in rows), encoding="utf-8")
     with pytest.raises(DataError, match=r"'fr' is not a key of column 'translation'.*keys: de, en.*data\.target_lang"):
-        _module(tmp_path, TableFiles(str(nested), {"source": "translation.en", "target": "translation.fr"}))
+        _module(tmp_path, TableFiles(str(nested), {"src": "translation.en", "tgt": "translation.fr"}))
     ok = _module(
-        tmp_path, TableFiles(str(nested), {"source": "translation.de", "target": "translation.en"}, val_fraction=0.1)
+        tmp_path, TableFiles(str(nested), {"src": "translation.de", "tgt": "translation.en"}, val_fraction=0.1)
     )
     assert ok.meta["splits"]["train"]["pairs"] == 18
 
@@ -153,7 +151,7 @@ def test_overlong_pairs_are_truncated_or_skipped_and_counted(tmp_path: Path, ove
     with caplog.at_level(logging.WARNING, logger="lmlab"):
         datamodule = _module(
             tmp_path,
-            TableFiles(str(path), {"source": "en", "target": "de"}, val_fraction=0),
+            TableFiles(str(path), {"src": "en", "tgt": "de"}, val_fraction=0),
             max_source_length=6,
             max_target_length=6,
             overlong=overlong,
@@ -188,13 +186,37 @@ def test_a_tokenizer_pair_fingerprint_follows_both_sides() -> None:
 def test_table_files_cut_validation_and_test_from_one_file(tmp_path: Path) -> None:
     path = tmp_path / "all.jsonl"
     path.write_text("".join(json.dumps({"en": f"s{i}", "de": f"t{i}"}) + "\n" for i in range(200)))
-    columns = {"source": "en", "target": "de"}
+    columns = {"src": "en", "tgt": "de"}
     splits = TableFiles(str(path), columns, val_fraction=0.1, test_fraction=0.15, split_seed=3).load()
     assert {name: len(table) for name, table in splits.items()} == {"train": 150, "validation": 20, "test": 30}
-    seen = [set(table.columns["source"]) for table in splits.values()]
+    seen = [set(table.columns["src"]) for table in splits.values()]
     assert set.union(*seen) == {f"s{i}" for i in range(200)} and sum(map(len, seen)) == 200, "disjoint, complete"
     # without a test share, validation is what it always was (the cache key and the split stay the same)
     before = TableFiles(str(path), columns, val_fraction=0.1, split_seed=3).load()
     assert before["validation"].columns == splits["validation"].columns and "test" not in before
     with pytest.raises(DataError, match="val_fraction \\+ test_fraction"):
         TableFiles(str(path), columns, val_fraction=0.6, test_fraction=0.5)
+
+
+def test_the_former_side_names_source_and_target_still_read_with_a_warning(tmp_path: Path, caplog) -> None:
+    """Configs and checkpoints from before the sides were ``src`` and ``tgt`` give the same data."""
+    for lang in ("en", "de"):
+        (tmp_path / f"train.{lang}").write_text("one cat\ntwo dogs\nred fox\n" * 10, encoding="utf-8")
+    files = {"en": str(tmp_path / "train.en"), "de": str(tmp_path / "train.de")}
+    new = _module(tmp_path / "new", AlignedTextFiles({"src": files["en"], "tgt": files["de"]}, val_fraction=0.2))
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        old = _module(
+            tmp_path / "old", AlignedTextFiles({"source": files["en"], "target": files["de"]}, val_fraction=0.2)
+        )
+    assert "data.source.train names the translation sides source and target; they are now src and tgt" in caplog.text
+    assert old.meta["splits"] == new.meta["splits"]
+    assert next(iter(old.train_dataloader())).src.tolist() == next(iter(new.train_dataloader())).src.tolist()
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 40, 0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        table = _module(tmp_path / "table", TableFiles(str(pairs), {"source": "de", "target": "en"}, val_fraction=0.1))
+    assert "data.source.columns names the translation sides" in caplog.text
+    assert table.source.columns == {"src": "de", "tgt": "en"}
+    with pytest.raises(DataError, match=r"data.source.train needs a file for \['tgt'\]"):
+        AlignedTextFiles({"src": files["en"]})

@@ -12,7 +12,6 @@ loggers, optimizer) is kept as inert data and never built from a checkpoint.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import pickle
 from collections.abc import Iterator, Set
 from pathlib import Path
@@ -182,7 +181,7 @@ def _build_task(
 ) -> tuple[TaskModule, dict[str, Any]]:
     extras = ckpt["lmlab"]
     task_cls = locate(extras["task"])
-    hyper = _hyperparameters(ckpt, path, task_cls.__name__, _init_keys(task_cls))
+    hyper = _hyperparameters(ckpt, path, task_cls.__name__, accepted_keys(task_cls))
     with _rebuilding(path, task_cls.__name__):
         # the optimizer and schedule are for training: a loaded task never builds them
         built = {**hyper, "optimizer": None, "scheduler": None}
@@ -191,12 +190,14 @@ def _build_task(
     return task.to(map_location), extras.get("config") or {}
 
 
-def _hyperparameters(ckpt: dict[str, Any], path: str | Path, task_name: str, accepted: Set[str]) -> dict[str, Any]:
+def _hyperparameters(
+    ckpt: dict[str, Any], path: str | Path, task_name: str, accepted: Set[str] | None
+) -> dict[str, Any]:
     """The task's hyperparameters, refused unless they and the weights are there and the task takes them all."""
     hyper = ckpt.get("hyper_parameters")
     if not isinstance(hyper, dict) or not {"model", "data_info"} <= set(hyper) or "state_dict" not in ckpt:
         raise CheckpointMismatchError(f"'{path}' holds no task hyperparameters and weights; it cannot be rebuilt.")
-    unexpected = sorted(set(hyper) - accepted)
+    unexpected = sorted(set(hyper) - accepted) if accepted is not None else []
     if unexpected:
         raise CheckpointMismatchError(
             f"'{path}' has hyperparameters {', '.join(unexpected)} that {task_name} does not take; it was "
@@ -215,20 +216,6 @@ def _rebuilding(path: str | Path, task_name: str) -> Iterator[None]:
         raise CheckpointMismatchError(
             f"'{path}' cannot be rebuilt as a {task_name} ({type(err).__name__}: {reason})."
         ) from None
-
-
-def _init_keys(cls: type) -> set[str]:
-    """Keyword names a class's constructor takes, following ``**kwargs`` up to the base classes."""
-    keys: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        accepted = accepted_keys(klass)
-        if accepted is not None:
-            return keys | accepted
-        params = inspect.signature(klass.__init__).parameters.values()
-        keys |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-    return keys
 
 
 def check_matches(ckpt_config: dict[str, Any], requested: dict[str, Any] | None, key: str, path: str) -> None:

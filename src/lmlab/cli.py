@@ -21,7 +21,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
@@ -29,6 +29,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from lmlab.config import config_dir
+
+if TYPE_CHECKING:
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
 #: marks that lmlab (not the user) set HYDRA_FULL_ERROR, so child processes report errors the same way
 _OURS = "LMLAB_HYDRA_ERRORS"
@@ -51,8 +54,7 @@ def lmlab_main(
         def run() -> Any:
             sys.argv[1:] = _as_overlays(sys.argv[1:], overlays)
             if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
-                _hide_bases_from_completion()
-                _complete_models_of_the_task()
+                _complete_what_users_pick()
             with hydra_errors():
                 return hydra_main()
 
@@ -72,9 +74,11 @@ def _as_overlays(args: list[str], groups: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _hide_bases_from_completion() -> None:
-    """Shell completion offers no bases: Hydra's own completion offers ``data/base=`` (a folder of ``conf/data``
-    is a group to Hydra) and then each base as an option of it."""
+def _complete_what_users_pick() -> None:
+    """Shell completion offers the options a user picks. Hydra's own completion offers ``data/base=`` (a folder
+    of ``conf/data`` is a group to Hydra) and then each base as an option of it, and every option of a group;
+    here it offers no bases, and for ``model=`` the models of the task the line composes (``task=``, or the
+    task an ``experiment=`` picks, or the default) and the options no task lists (a user's own)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.object_type import ObjectType
 
@@ -93,50 +97,37 @@ def _hide_bases_from_completion() -> None:
             return []
         options = list_options(self, group_name, results_filter, config_name, overrides)
         if group_name and results_filter == ObjectType.GROUP:
-            options = [option for option in options if option != BASE_FOLDER]
+            return [option for option in options if option != BASE_FOLDER]
+        if group_name == "model" and results_filter == ObjectType.CONFIG:
+            return _models_of_the_task(self, options, config_name, overrides)
         return options
 
     ConfigLoaderImpl.get_group_options = get_group_options  # type: ignore[method-assign]
 
 
-def _complete_models_of_the_task() -> None:
-    """Shell completion of ``model=`` offers the models of the task the line composes (``task=``, or the task
-    an ``experiment=`` picks, or the default), and the options no task lists (a user's own); Hydra's own
-    completion lists every option of a group."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra.core.object_type import ObjectType
+def _models_of_the_task(
+    loader: ConfigLoaderImpl, options: list[str], config_name: str | None, overrides: list[str] | None
+) -> list[str]:
+    """Of the ``model`` options, those the composed task lists under ``task.models`` and those no task lists;
+    all of them while the line does not compose yet."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from lmlab.config import task_models
 
-    list_options = ConfigLoaderImpl.get_group_options
-
-    def get_group_options(
-        self: ConfigLoaderImpl,
-        group_name: str,
-        results_filter: ObjectType | None = ObjectType.CONFIG,
-        config_name: str | None = None,
-        overrides: list[str] | None = None,
-    ) -> list[str]:
-        options = list_options(self, group_name, results_filter, config_name, overrides)
-        if group_name != "model" or results_filter != ObjectType.CONFIG:
-            return options
-        try:
-            # a sweep's values do not change its task: compose the line without them
-            parsed = OverridesParser.create().parse_overrides(list(overrides or []))
-            single = [override.input_line for override in parsed if not override.is_sweep_override()]
-            composed = self.load_configuration(config_name, single, RunMode.RUN)
-        except HydraException:
-            return options  # a line that does not compose yet: every option
-        listed = OmegaConf.select(composed, "task.models")
-        if not listed:
-            return options
-        claimed = {model for models in task_models().values() for model in models}
-        return [option for option in options if option in listed or option not in claimed]
-
-    ConfigLoaderImpl.get_group_options = get_group_options  # type: ignore[method-assign]
+    try:
+        # a sweep's values do not change its task: compose the line without them
+        parsed = OverridesParser.create().parse_overrides(list(overrides or []))
+        single = [override.input_line for override in parsed if not override.is_sweep_override()]
+        composed = loader.load_configuration(config_name, single, RunMode.RUN)
+    except HydraException:
+        return options
+    listed = OmegaConf.select(composed, "task.models")
+    if not listed:
+        return options
+    claimed = {model for models in task_models().values() for model in models}
+    return [option for option in options if option in listed or option not in claimed]
 
 
 @contextlib.contextmanager

@@ -16,12 +16,15 @@ import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hydra._internal.config_repository import ConfigRepository
 
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -104,11 +107,23 @@ def check_task_model(cfg: DictConfig) -> None:
         owners = [name for name, models in task_models().items() if model in models]
         if owners:
             raise ConfigError(f"model={model} is a model for task={owners[0]}, not task={task}. {pick}.")
+    task_cls, data_cls = _located(cfg, "task.module._target_"), _located(cfg, "task.module._target_", "data_module")
+    if isinstance(task_cls, type) and hasattr(data_cls, "info_type"):
+        data_cls.info_type.check_inputs(task_cls.network_inputs, task_cls.__name__)
     wanted, given = _located(cfg, "task.module._target_", "network"), _located(cfg, "model._target_")
-    if isinstance(wanted, type) and isinstance(given, type) and not issubclass(given, wanted):
+    if not (isinstance(wanted, type) and isinstance(given, type)):
+        return
+    if not issubclass(given, wanted):
         raise ConfigError(
             f"model={model or given.__name__} is not a {wanted.__name__}, the kind of network task={task} trains "
             f"({wanted.__module__}). {pick}, or give a network that subclasses {wanted.__name__}."
+        )
+    accepted = accepted_keys(given)
+    missing = [name for name in getattr(wanted, "required_inputs", ()) if accepted is not None and name not in accepted]
+    if missing:
+        raise ConfigError(
+            f"model={model or given.__name__}: {given.__name__}'s constructor takes no {', '.join(missing)}, which "
+            f"every {wanted.__name__} is built from (task={task} passes it from the data). Name the parameter so."
         )
 
 
@@ -134,17 +149,42 @@ def task_models() -> dict[str, list[str]]:
 
 
 def data_options() -> dict[str, str]:
-    """Each ``conf/data`` option and the ``_target_`` it builds, following its defaults list."""
+    """Each ``data`` option of the run's search path (lmlab's ``conf/data`` and a plugin's) and the
+    ``_target_`` it builds, following its defaults list."""
+    from hydra.core.default_element import ConfigDefault
+
+    repo = _config_repository()
 
     def target_of(name: str) -> str | None:
-        node = OmegaConf.load(Path(config_dir()) / "data" / f"{name}.yaml")
-        if "_target_" in node:
-            return str(node._target_)
-        parents = [d for d in node.get("defaults", []) if isinstance(d, str) and d != "_self_"]
-        return target_of(parents[0]) if parents else None
+        loaded = repo.load_config(f"data/{name}")
+        if loaded is None:
+            return None
+        if "_target_" in loaded.config:
+            return str(loaded.config._target_)
+        parents = [d.path for d in loaded.defaults_list if isinstance(d, ConfigDefault) and not d.is_self()]
+        return target_of(str(parents[0])) if parents else None
 
-    names = sorted(p.stem for p in (Path(config_dir()) / "data").glob("*.yaml"))
-    return {name: target for name in names if (target := target_of(name))}
+    return {name: target for name in repo.get_group_options("data") if (target := target_of(name))}
+
+
+def _config_repository() -> ConfigRepository:
+    """Hydra's repository of the folders the running app reads configs from, in its order (the first folder
+    holding an option is the one composed): lmlab's ``conf/`` and those that ``hydra.searchpath`` (a plugin's,
+    on the command line or in a primary config) or a search-path plugin adds. Outside a Hydra app,
+    ``conf/`` alone."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # discovering Hydra's plugins registers the kinds of folder (file://, pkg://)
+    search_path = ConfigSearchPathImpl()
+    if HydraConfig.initialized():
+        for source in HydraConfig.get().runtime.config_sources:
+            search_path.append(source.provider, f"{source.schema}://{source.path}")
+    else:
+        search_path.append("lmlab", f"file://{config_dir()}")
+    return ConfigRepository(search_path)
 
 
 def _choice(group: str) -> str | None:
@@ -168,12 +208,27 @@ def locate(path: str) -> Any:
 
 
 def accepted_keys(target: Any) -> set[str] | None:
-    """Names the target accepts as keywords; ``None`` if it takes ``**kwargs``."""
-    fn = target.__init__ if inspect.isclass(target) else target
-    params = inspect.signature(fn).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return {p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL} - {"self"}
+    """Names the target accepts as keywords; ``None`` if it takes any.
+
+    A class whose constructor takes ``**kwargs`` and subclasses one of lmlab's classes hands them to that base
+    (as the data modules hand their loader settings to :class:`~lmlab.data.base.TaskDataModule`, and the
+    tasks theirs to :class:`~lmlab.tasks.base.TaskModule`): it accepts the names of the constructors up its
+    base classes, as far as the first without ``**kwargs``. ``**kwargs`` that go to a class of another
+    library (a Lightning strategy's, handed on to PyTorch) may be anything.
+    """
+    if inspect.isclass(target):
+        constructors = [vars(k)["__init__"] for k in target.__mro__ if "__init__" in vars(k)]
+    else:
+        constructors = [target]
+    keys: set[str] = set()
+    for fn in constructors:
+        if keys and not str(getattr(fn, "__module__", "")).startswith("lmlab."):
+            return None
+        params = inspect.signature(fn).parameters.values()
+        keys |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return keys
+    return None
 
 
 def check_targets(node: Any, path: str = "") -> None:
@@ -300,31 +355,46 @@ def is_base(option: str) -> bool:
 
 def user_options(config_name: str) -> str:
     """``group: option, ...`` for each group of ``config_name`` (``train``, ``eval``, ...), listing only the
-    options a user picks: not the pieces the callback sets are made of, nor the bases options build on
-    (``data: base/lm``, and ``trainer: default`` under ``trainer: cpu``)."""
-    root = Path(config_dir())
-    defaults = OmegaConf.load(root / f"{config_name}.yaml").get("defaults", [])
-    chosen = {str(k): v for entry in defaults if isinstance(entry, DictConfig) for k, v in entry.items()}
+    options a user picks, from every folder of the run's search path (a plugin's options too): not the pieces
+    the callback sets are made of, nor the bases options build on (``data: base/lm``, and ``trainer: default``
+    under ``trainer: cpu``)."""
+    from hydra.core.default_element import GroupDefault
+
+    repo = _config_repository()
+    primary = repo.load_config(config_name)
+    defaults = primary.defaults_list if primary else []
+    chosen = {str(d.group): d.value for d in defaults if isinstance(d, GroupDefault)}
     lines = []
-    for group in chosen:
+    for group, choice in chosen.items():
         if group in _KEYS_ONLY_GROUPS:
             continue
         options = []
-        for path in sorted((root / group).rglob("*.yaml")):
-            name = path.relative_to(root / group).with_suffix("").as_posix()
-            piece = group in _SETS_OF_PIECES and _top_keys(path) == [name]
-            base = is_base(name) or (name == "default" and chosen[group] != "default")
+        for name in _options_of(repo, group):
+            piece = group in _SETS_OF_PIECES and _is_piece(repo, f"{group}/{name}")
+            base = is_base(name) or (name == "default" and choice != "default")
             if not (piece or base):
                 options.append(name)
         lines.append(f"{group}: {', '.join(options)}")
     return "\n".join(lines)
 
 
-def _top_keys(path: Path) -> list[str]:
-    """The top-level keys of a YAML file (plain YAML: no need for OmegaConf here, this runs on --help)."""
-    import yaml
+def _options_of(repo: ConfigRepository, group: str) -> list[str]:
+    """Every option of ``group``, those in its folders too (``experiment: lm/shakespeare_char``)."""
+    from hydra.core.object_type import ObjectType
 
-    return list((yaml.safe_load(path.read_text()) or {}).keys())
+    nested = [
+        f"{folder}/{name}"
+        for folder in repo.get_group_options(group, ObjectType.GROUP)
+        for name in _options_of(repo, f"{group}/{folder}")
+    ]
+    return sorted([*repo.get_group_options(group), *nested])
+
+
+def _is_piece(repo: ConfigRepository, path: str) -> bool:
+    """``callbacks/early_stopping`` holds only the key it is named after, and no defaults list: a piece that
+    the callback sets are made of."""
+    loaded = repo.load_config(path)
+    return loaded is not None and not loaded.defaults_list and list(loaded.config) == [path.rsplit("/", 1)[-1]]
 
 
 def register_resolvers() -> None:

@@ -116,7 +116,7 @@ def build_task(cfg: DictConfig, datamodule: Any) -> TaskModule:
     return task_cls(
         **kwargs,
         model=to_plain(cfg.model),
-        data_info=datamodule.data_info,
+        data_info=dict(datamodule.data_info),
         optimizer=to_plain(cfg.optimizer),
         scheduler=to_plain(cfg.get("scheduler")),
         compile=cfg.compile,

@@ -71,6 +71,15 @@ COUNT = Range(int, ge=0)
 FRACTION = Range(float, ge=0, lt=1)  # dropout, label smoothing, held-out shares
 PROBABILITY = Range(float, ge=0, le=1)
 
+#: the Transformer part settings of GPT, the Transformer classifier and the seq2seq Transformer
+TRANSFORMER_PARTS: dict[str, Range] = {
+    "n_kv_head": POSITIVE_INT,
+    "mlp_hidden": POSITIVE_INT,
+    "mlp_multiple_of": POSITIVE_INT,
+    "rope_theta": Range(float, gt=0),
+    "norm_eps": Range(float, gt=0),
+}
+
 #: ranges per class or function (by its defining module, so aliases and subclasses share them)
 TARGET_RANGES: dict[str, dict[str, Range]] = {
     "torch.optim.optimizer.Optimizer": {
@@ -117,11 +126,7 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
         "n_head": POSITIVE_INT,
         "n_embd": POSITIVE_INT,
         "dropout": FRACTION,
-        "n_kv_head": POSITIVE_INT,
-        "mlp_hidden": POSITIVE_INT,
-        "mlp_multiple_of": POSITIVE_INT,
-        "rope_theta": Range(float, gt=0),
-        "norm_eps": Range(float, gt=0),
+        **TRANSFORMER_PARTS,
     },
     "lmlab.models.rnn.RecurrentLM": {
         "n_embd": POSITIVE_INT,
@@ -140,6 +145,7 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
         "n_head": POSITIVE_INT,
         "n_embd": POSITIVE_INT,
         "dropout": FRACTION,
+        **TRANSFORMER_PARTS,
     },
     "lmlab.models.classifiers.BagOfNGrams": {"ngrams": POSITIVE_INT, "buckets": POSITIVE_INT, "dropout": FRACTION},
     "lmlab.models.classifiers.HFEncoderClassifier": {"dropout": FRACTION},
@@ -157,6 +163,7 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
         "decoder_layers": POSITIVE_INT,
         "dropout": FRACTION,
         "max_positions": POSITIVE_INT,
+        **TRANSFORMER_PARTS,
     },
     "lmlab.schedulers.warmup_decay": {"warmup_steps": COUNT, "min_lr_ratio": PROBABILITY, "decay_steps": POSITIVE_INT},
     "lmlab.schedulers.plateau": {"factor": Range(gt=0, lt=1), "patience": COUNT, "min_lr": Range(ge=0)},

@@ -17,6 +17,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from lmlab.data.batching import EpochBatchSampler
 from lmlab.data.cache import cache_key, cached_dir
+from lmlab.data.info import DataInfo
 from lmlab.data.storage import as_batch
 from lmlab.errors import DataError
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
@@ -48,23 +49,36 @@ class TaskDataModule(L.LightningDataModule):
     ``tokenizer`` is either a builder, trained on the training split when the cache is built, or a ready
     :class:`Tokenizer` (the one saved in a checkpoint, for evaluation and resume). ``splits`` limits what is
     read (``None``: every split the source has); scoring a checkpoint reads only the splits it scores.
+
+    The loader settings (keywords from ``batch_size`` on) are the same for every task: a task's data module
+    takes its own settings and hands the rest on as ``**loading``. ``roles`` are the column roles a task
+    reads from a table source (``text`` and ``label``); each must be mapped in ``data.source.columns``.
     """
+
+    roles: tuple[str, ...] = ()
+    #: what :attr:`data_info` gives: the values the task builds its network and its loss from
+    info_type: type[DataInfo] = DataInfo
 
     def __init__(
         self,
         source: Any,
         tokenizer: TokenizerBuilder | Tokenizer,
-        batch_size: int,
-        eval_batch_size: int | None,
-        num_workers: int,
-        pin_memory: bool,
-        cache_dir: str,
-        seed: int,
+        *,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        cache_dir: str = ".cache/lmlab",
+        seed: int = 1337,
         splits: Collection[str] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"data.batch_size must be positive, got {batch_size}.")
+        missing = [role for role in self.roles if role not in source.columns]
+        if missing:
+            example = " ".join(f"data.source.columns.{role}=<column>" for role in missing)
+            raise DataError(f"data.source.columns needs a column name for {missing} (e.g. {example}).")
         self.source = source
         self.tokenizer_spec = tokenizer
         self.tokenizer: Tokenizer | None = tokenizer if isinstance(tokenizer, Tokenizer) else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,6 +18,7 @@ import torch
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.batching import BucketBatchSampler, pad_batch
+from lmlab.data.info import ClassificationDataInfo
 from lmlab.data.storage import BatchedDataset, RaggedIds, save_ragged
 from lmlab.data.tables import SplitTable, TableSource
 from lmlab.errors import DataError
@@ -68,33 +69,22 @@ class ClassificationDataModule(TaskDataModule):
     the class names the data declares, or the sorted distinct labels of the training split.
     """
 
+    roles = ("text", "label")
+    info_type = ClassificationDataInfo
+
     def __init__(
         self,
         source: TableSource,
         tokenizer: TokenizerBuilder | Tokenizer,
         max_length: int = 256,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
         bucket_batches: int = 100,
         add_special_tokens: bool = True,
         labels: Sequence[str] | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        cache_dir: str = ".cache/lmlab",
-        seed: int = 1337,
-        splits: Collection[str] | None = None,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            source, tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed, splits
-        )
+        super().__init__(source, tokenizer, **loading)
         if max_length < 1:
             raise DataError(f"data.max_length must be positive, got {max_length}.")
-        missing = {"text", "label"} - set(source.columns)
-        if missing:
-            raise DataError(
-                f"data.source.columns needs a column name for {sorted(missing)} "
-                "(e.g. data.source.columns.text=review data.source.columns.label=sentiment)."
-            )
         self.max_length, self.bucket_batches = max_length, bucket_batches
         self.add_special_tokens = add_special_tokens
         self.fixed_labels = [str(label) for label in labels] if labels is not None else None
@@ -171,20 +161,19 @@ class ClassificationDataModule(TaskDataModule):
         return list(self.meta["labels"])
 
     @property
-    def data_info(self) -> dict[str, Any]:
+    def data_info(self) -> ClassificationDataInfo:
         """Values the data decides, handed to the task to build its network and its loss."""
         assert self.tokenizer is not None, "call setup() first"
         pad_id = pad_id_of(self.tokenizer)
-        train = self.meta["splits"].get("train", {})
-        return {
-            "vocab_size": max(self.tokenizer.vocab_size, pad_id + 1),
-            "pad_id": pad_id,
-            "num_classes": len(self.labels),
-            "labels": self.labels,
-            "max_length": self.max_length,
-            "add_special_tokens": self.add_special_tokens,
-            "label_counts": train.get("label_counts"),
-        }
+        return ClassificationDataInfo(
+            vocab_size=max(self.tokenizer.vocab_size, pad_id + 1),
+            pad_id=pad_id,
+            num_classes=len(self.labels),
+            labels=self.labels,
+            max_length=self.max_length,
+            add_special_tokens=self.add_special_tokens,
+            label_counts=self.meta["splits"].get("train", {}).get("label_counts"),
+        )
 
     def train_sampler(self, data: EncodedTexts, rank: int, world: int) -> BucketBatchSampler:
         return BucketBatchSampler(data.lengths, self.batch_size, True, self.seed, self.bucket_batches, rank, world)

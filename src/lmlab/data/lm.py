@@ -8,7 +8,7 @@ non-overlapping blocks from offset 0.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import BatchSampler, Sampler
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
+from lmlab.data.info import LMDataInfo
 from lmlab.data.storage import BatchedDataset, MappedArray, save_tokens
 from lmlab.data.text_sources import TextSource
 from lmlab.errors import DataError
@@ -94,22 +95,16 @@ class BlockBatches(BatchSampler):
 class LMDataModule(TaskDataModule):
     """Tokenizes a :class:`TextSource` once (cached) and serves packed blocks."""
 
+    info_type = LMDataInfo
+
     def __init__(
         self,
         source: TextSource,
         tokenizer: TokenizerBuilder | Tokenizer,
         block_size: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        cache_dir: str = ".cache/lmlab",
-        seed: int = 1337,
-        splits: Collection[str] | None = None,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            source, tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed, splits
-        )
+        super().__init__(source, tokenizer, **loading)
         if block_size < 1:
             raise DataError(f"data.block_size must be positive, got {block_size}.")
         self.block_size = block_size
@@ -143,15 +138,15 @@ class LMDataModule(TaskDataModule):
         return TokenBlocks(folder / f"{name}.npy", self.block_size) if tokens >= self.block_size + 1 else None
 
     @property
-    def data_info(self) -> dict[str, Any]:
+    def data_info(self) -> LMDataInfo:
         """Values the data decides, handed to the task to build its network."""
         assert self.tokenizer is not None, "call setup() first"
-        return {
-            "vocab_size": self.tokenizer.vocab_size,
-            "pad_id": self.tokenizer.pad_id,
-            "block_size": self.block_size,
-            "chars_per_token": self.chars_per_token(),
-        }
+        return LMDataInfo(
+            vocab_size=self.tokenizer.vocab_size,
+            pad_id=self.tokenizer.pad_id,
+            block_size=self.block_size,
+            chars_per_token=self.chars_per_token(),
+        )
 
     def chars_per_token(self) -> dict[str, float]:
         return {s: i["chars"] / max(i["tokens"], 1) for s, i in self.meta.get("splits", {}).items()}

@@ -8,6 +8,7 @@ validation (or test) split gets one drawn at random from its training rows (``va
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,11 @@ from lmlab.data.files import (
 from lmlab.data.splits import SPLITS, keep_wanted, splits_to_read
 from lmlab.errors import DataError
 from lmlab.registry import register
+
+log = logging.getLogger("lmlab")
+
+#: the names the translation sides had before ``src`` and ``tgt``; configs and checkpoints that use them still read
+_FORMER_SIDES = {"source": "src", "target": "tgt"}
 
 
 @dataclass
@@ -150,7 +156,24 @@ class TableSource:
 
 def _role_hint(role: str) -> str:
     """Where a translation config sets a role's column: its language code."""
-    return {"source": " (data.source_lang)", "target": " (data.target_lang)"}.get(role, "")
+    return {"src": " (data.source_lang)", "tgt": " (data.target_lang)"}.get(role, "")
+
+
+def translation_sides(mapping: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``mapping`` (a source's columns, or a split's two files) keyed by the sides ``src`` and ``tgt``, read
+    from their former names too (``source``, ``target``); where both names are there, the new one wins."""
+    former = [name for name in mapping if name in _FORMER_SIDES]
+    if former:
+        log.warning(
+            "%s names the translation sides %s; they are now %s.",
+            key,
+            " and ".join(former),
+            " and ".join(_FORMER_SIDES[name] for name in former),
+        )
+    sides = {name: value for name, value in mapping.items() if name not in _FORMER_SIDES}
+    for name in former:
+        sides.setdefault(_FORMER_SIDES[name], mapping[name])
+    return sides
 
 
 def _class_names(features: Any, columns: Mapping[str, str]) -> dict[str, list[str]]:
@@ -192,7 +215,7 @@ class HubTable(TableSource):
             self.revision,
             data_files=self.data_files,
             offline_hint=(
-                f"Use data={'translation_files' if 'source' in self.columns else 'labeled_files'} with "
+                f"Use data={'translation_files' if 'src' in self.columns else 'labeled_files'} with "
                 "data.source.train_files=<local json/jsonl/csv/parquet files>."
             ),
         )
@@ -267,7 +290,7 @@ class TableFiles(TableSource):
 @register("source")
 class AlignedTextFiles(TableSource):
     """Sentence pairs from two aligned plain-text files per split, one sentence per line (the layout of
-    most parallel corpora): ``{source: train.en, target: train.de}``. The files of a split must have the
+    most parallel corpora): ``{src: train.en, tgt: train.de}``. The files of a split must have the
     same number of lines."""
 
     def __init__(
@@ -279,16 +302,16 @@ class AlignedTextFiles(TableSource):
         split_seed: int = 0,
         test_fraction: float = 0.0,
     ) -> None:
-        super().__init__({"source": "source", "target": "target"}, val_fraction, split_seed, test_fraction)
+        super().__init__({"src": "src", "tgt": "tgt"}, val_fraction, split_seed, test_fraction)
         self.pairs: dict[str, Mapping[str, str]] = {}
-        for split, pair in (("train", train), ("validation", validation), ("test", test)):
-            if not pair:
+        for split, files in (("train", train), ("validation", validation), ("test", test)):
+            if not files:
                 continue
-            missing = {"source", "target"} - set(pair)
+            pair = translation_sides(files, f"data.source.{split}")
+            missing = sorted({"src", "tgt"} - set(pair))
             if missing:
                 raise DataError(
-                    f"data.source.{split} needs a file for {sorted(missing)}: "
-                    f"data.source.{split}={{source: <file>, target: <file>}}."
+                    f"data.source.{split} needs a file for {missing}: data.source.{split}={{src: <file>, tgt: <file>}}."
                 )
             self.pairs[split] = pair
 
@@ -305,18 +328,18 @@ class AlignedTextFiles(TableSource):
         out: dict[str, SplitTable] = {}
         for split, pair in self._files(splits).items():
             lines = {role: read_text_file(path).splitlines() for role, path in pair.items()}
-            if len(lines["source"]) != len(lines["target"]):
+            if len(lines["src"]) != len(lines["tgt"]):
                 raise DataError(
-                    f"The {split} files are not aligned: '{pair['source']}' has {len(lines['source'])} lines and "
-                    f"'{pair['target']}' has {len(lines['target'])}. Line n of one must translate line n of the "
+                    f"The {split} files are not aligned: '{pair['src']}' has {len(lines['src'])} lines and "
+                    f"'{pair['tgt']}' has {len(lines['tgt'])}. Line n of one must translate line n of the "
                     "other; fix the files (keep empty lines as placeholders, they are skipped and counted)."
                 )
-            out[split] = SplitTable(lines, f"'{pair['source']}' / '{pair['target']}'")
+            out[split] = SplitTable(lines, f"'{pair['src']}' / '{pair['tgt']}'")
         return out
 
     def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         return {
             "source": "aligned_text",
             **self._base_fingerprint(),
-            "files": {s: file_signature([p["source"], p["target"]]) for s, p in self._files(splits).items()},
+            "files": {s: file_signature([p["src"], p["tgt"]]) for s, p in self._files(splits).items()},
         }

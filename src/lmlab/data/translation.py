@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,8 +21,9 @@ import torch
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.batching import BucketBatchSampler, EpochBatchSampler, TokenBudgetBatchSampler, pad_batch
+from lmlab.data.info import TranslationDataInfo
 from lmlab.data.storage import BatchedDataset, RaggedIds, save_ragged
-from lmlab.data.tables import SplitTable, TableSource
+from lmlab.data.tables import SplitTable, TableSource, translation_sides
 from lmlab.errors import DataError
 from lmlab.registry import register
 from lmlab.tokenizers import Tokenizer, TokenizerPair
@@ -79,7 +80,7 @@ class EncodedPairs(BatchedDataset):
 
 @register("data")
 class TranslationDataModule(TaskDataModule):
-    """Sentence pairs from a :class:`TableSource` (roles ``source`` and ``target``), tokenized once (cached).
+    """Sentence pairs from a :class:`TableSource` (roles ``src`` and ``tgt``), tokenized once (cached).
 
     ``source_prefix`` is put before every source sentence (a T5-style task prefix such as "translate English
     to German: "). ``overlong`` decides what happens to training pairs longer than ``max_source_length`` /
@@ -87,6 +88,9 @@ class TranslationDataModule(TaskDataModule):
     Validation and test sources are always cut (the model cannot read more), never skipped, and
     their references stay whole, so the reported BLEU covers every sentence.
     """
+
+    roles = ("src", "tgt")
+    info_type = TranslationDataInfo
 
     def __init__(
         self,
@@ -103,21 +107,10 @@ class TranslationDataModule(TaskDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = 128,
         bucket_batches: int = 100,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        cache_dir: str = ".cache/lmlab",
-        seed: int = 1337,
-        splits: Collection[str] | None = None,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            source, tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed, splits
-        )
-        missing = {"source", "target"} - set(source.columns)
-        if missing:
-            raise DataError(
-                f"data.source.columns needs a column name for {sorted(missing)} "
-                "(e.g. data.source.columns.source=en data.source.columns.target=de)."
-            )
+        source.columns = translation_sides(source.columns, "data.source.columns")
+        super().__init__(source, tokenizer, batch_size=batch_size, eval_batch_size=eval_batch_size, **loading)
         if overlong not in OVERLONG:
             raise DataError(f"data.overlong must be one of {', '.join(OVERLONG)}, got '{overlong}'.")
         for key, value in (("max_source_length", max_source_length), ("max_target_length", max_target_length)):
@@ -150,7 +143,7 @@ class TranslationDataModule(TaskDataModule):
 
     def fit_tokenizer(self, splits: dict[str, SplitTable]) -> TokenizerPair:
         """Trained on the training pairs (joint: one vocabulary on both sides)."""
-        sources, targets = _texts(splits["train"], "source"), _texts(splits["train"], "target")
+        sources, targets = _texts(splits["train"], "src"), _texts(splits["train"], "tgt")
         if self.joint_vocabulary:
             return TokenizerPair(self.train_tokenizer(_both(sources, targets)))
         return TokenizerPair(
@@ -160,7 +153,7 @@ class TranslationDataModule(TaskDataModule):
     def encode_split(
         self, folder: Path, name: str, table: SplitTable, tokenizer: TokenizerPair, meta: dict[str, Any]
     ) -> dict[str, Any]:
-        sources, targets = _texts(table, "source"), _texts(table, "target")
+        sources, targets = _texts(table, "src"), _texts(table, "tgt")
         keep = [i for i, (s, t) in enumerate(zip(sources, targets, strict=True)) if s.strip() and t.strip()]
         if not keep:
             raise DataError(
@@ -228,23 +221,23 @@ class TranslationDataModule(TaskDataModule):
                 )
 
     @property
-    def data_info(self) -> dict[str, Any]:
+    def data_info(self) -> TranslationDataInfo:
         """Values the data decides, handed to the task to build its network and decode."""
         tokenizer = self.tokenizer
         assert isinstance(tokenizer, TokenizerPair), "call setup() first"
-        return {
-            "src_vocab_size": tokenizer.source.vocab_size,
-            "tgt_vocab_size": tokenizer.vocab_size,
-            "src_pad_id": tokenizer.source.pad_id,
-            "tgt_pad_id": tokenizer.pad_id,
-            "eos_id": tokenizer.eos_id,
-            "shared_vocabulary": tokenizer.joint,
-            "source_lang": self.source_lang,
-            "target_lang": self.target_lang,
-            "source_prefix": self.source_prefix,
-            "max_source_length": self.max_source_length,
-            "max_target_length": self.max_target_length,
-        }
+        return TranslationDataInfo(
+            src_vocab_size=tokenizer.source.vocab_size,
+            tgt_vocab_size=tokenizer.vocab_size,
+            src_pad_id=tokenizer.source.pad_id,
+            tgt_pad_id=tokenizer.pad_id,
+            eos_id=tokenizer.eos_id,
+            shared_vocabulary=tokenizer.joint,
+            source_lang=self.source_lang,
+            target_lang=self.target_lang,
+            max_source_length=self.max_source_length,
+            max_target_length=self.max_target_length,
+            source_prefix=self.source_prefix,
+        )
 
     def train_sampler(self, data: EncodedPairs, rank: int, world: int) -> EpochBatchSampler:
         if self.max_tokens is not None:

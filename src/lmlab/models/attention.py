@@ -1,5 +1,6 @@
 """Multi-head attention on fused SDPA: self-attention (causal with a KV cache, or bidirectional with a key
-padding mask; multi-, grouped- or multi-query; optionally rotary) and cross-attention over an encoder's output."""
+padding mask; optionally rotary) and cross-attention over an encoder's output, both multi-, grouped- or
+multi-query."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
     """``(B, n_head, T, head_size) -> (B, T, n_head * head_size)``."""
     B, H, T, hs = y.shape
     return y.transpose(1, 2).contiguous().view(B, T, H * hs)
+
+
+def per_query_head(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Keys or values repeated so each of ``n_head`` query heads has its group's: ``(B, n_kv_head, S, hs) ->
+    (B, n_head, S, hs)``. SDPA's ``enable_gqa`` would avoid the copy, but not on every backend, mask and torch
+    version."""
+    group = n_head // t.size(1)
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
 class SelfAttention(nn.Module):
@@ -76,46 +85,41 @@ class SelfAttention(nn.Module):
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past_len)
         y = F.scaled_dot_product_attention(
             q,
-            self._per_query_head(k),
-            self._per_query_head(v),
+            per_query_head(k, self.n_head),
+            per_query_head(v, self.n_head),
             attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and past_len == 0 and T > 1,
         )
         return self.resid_dropout(self.proj(merge_heads(y))), (k, v)
 
-    def _per_query_head(self, t: torch.Tensor) -> torch.Tensor:
-        """Keys or values repeated so each query head has its group's: ``(B, n_kv_head, S, hs) -> (B, n_head,
-        S, hs)``. SDPA's ``enable_gqa`` would avoid the copy, but not on every backend, mask and torch version."""
-        if self.n_kv_head == self.n_head:
-            return t
-        return t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from decoder queries to the encoder's output (the memory).
+    """Multi-head attention from decoder queries to the encoder's output (the memory), with ``n_kv_head``
+    key/value heads as in :class:`SelfAttention`.
 
     The memory's keys and values depend only on the source, so :meth:`memory_kv` projects them once per
     sentence and every decoding step reuses them. ``key_mask (B, S)``, True at real tokens, hides padding.
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int, dropout: float, bias: bool) -> None:
         super().__init__()
-        self.n_head = n_head
+        self.n_head, self.n_kv_head = n_head, n_kv_head
         self.q = nn.Linear(n_embd, n_embd, bias=bias)
-        self.kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
+        self.kv = nn.Linear(n_embd, 2 * n_kv_head * (n_embd // n_head), bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
     def memory_kv(self, memory: torch.Tensor) -> KV:
-        """Keys and values of ``memory (B, S, C)``, each ``(B, n_head, S, head_size)``."""
+        """Keys and values of ``memory (B, S, C)``, each ``(B, n_kv_head, S, head_size)``."""
         k, v = self.kv(memory).chunk(2, dim=2)
-        return split_heads(k, self.n_head), split_heads(v, self.n_head)
+        return split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
 
     def forward(self, x: torch.Tensor, memory_kv: KV, key_mask: torch.Tensor) -> torch.Tensor:
         q = split_heads(self.q(x), self.n_head)
+        k, v = (per_query_head(t, self.n_head) for t in memory_kv)
         y = F.scaled_dot_product_attention(
-            q, *memory_kv, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
         )
         return self.resid_dropout(self.proj(merge_heads(y)))

@@ -4,7 +4,7 @@ any network of its kind through these calls alone, so adding an architecture nee
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ class LanguageModelNetwork(nn.Module, ABC):
     limit), so generation knows when to drop the oldest tokens.
     """
 
+    #: what every network of this kind is built from: its constructor takes these names (checked at start-up)
+    required_inputs: ClassVar[tuple[str, ...]] = ("vocab_size",)
     block_size: int | None = None
 
     @abstractmethod
@@ -40,6 +42,8 @@ class ClassifierNetwork(nn.Module, ABC):
     ``ids`` are right-padded and only each text's first ``lengths`` tokens are read, so a text gets the same
     logits however much padding its batch adds.
     """
+
+    required_inputs: ClassVar[tuple[str, ...]] = ("num_classes",)
 
     @abstractmethod
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -61,6 +65,8 @@ class Seq2SeqNetwork(nn.Module, ABC):
     ``tgt_vocab_size`` lets a too-wide beam fail early and ``max_target_positions`` caps generated lengths.
     """
 
+    #: none: a pretrained encoder-decoder brings its own vocabularies
+    required_inputs: ClassVar[tuple[str, ...]] = ()
     max_target_positions: int | None = None  # the longest target the decoder can read; None: no limit
     tgt_vocab_size: int
     src_pad_id: int

@@ -116,9 +116,10 @@ class TransformerClassifier(ClassifierNetwork):
     """A BERT-like pre-LN Transformer encoder with padding masks, pooled at a learned [CLS] vector or by mean.
 
     The [CLS] vector is a parameter put in front of every text rather than a tokenizer token, so any
-    tokenizer works; it takes one position, so learned positions have ``max_length + 1`` slots. The blocks
-    and head keep PyTorch's default init rather than :func:`~lmlab.models.transformer.init_weights`, so that
-    training runs from before the shared init reproduce.
+    tokenizer works; it takes one position, so learned positions have ``max_length + 1`` slots. The norm,
+    MLP, key/value heads and positions (rotary too) are the choices GPT offers, LayerNorm, GELU, multi-head
+    and learned by default. The blocks and head keep PyTorch's default init rather than
+    :func:`~lmlab.models.transformer.init_weights`, so that training runs from before the shared init reproduce.
     """
 
     def __init__(
@@ -134,21 +135,42 @@ class TransformerClassifier(ClassifierNetwork):
         pooling: str = "cls",
         dropout: float = 0.1,
         bias: bool = True,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        mlp: str = "gelu",
+        mlp_hidden: int | None = None,
+        mlp_multiple_of: int = 256,
+        n_kv_head: int | None = None,
+        rope_theta: float = 10000.0,
     ) -> None:
         super().__init__()
-        spec = BlockSpec(n_embd=n_embd, n_head=n_head, dropout=dropout, bias=bias)
+        spec = BlockSpec.positioned(
+            positions,
+            rope_theta,
+            "model.positions",
+            n_embd=n_embd,
+            n_head=n_head,
+            dropout=dropout,
+            bias=bias,
+            norm=norm,
+            norm_eps=norm_eps,
+            mlp=mlp,
+            mlp_hidden=mlp_hidden,
+            mlp_multiple_of=mlp_multiple_of,
+            n_kv_head=n_kv_head,
+        )
         self.pooling = choice("model.pooling", pooling, ("cls", "mean"))
         self.max_length = max_length
         n_positions = max_length + (self.pooling == "cls")
         self.embedding = make_embedding(vocab_size, pad_id, n_embd)
-        if choice("model.positions", positions, ("learned", "sinusoidal")) == "learned":
-            self.positions = nn.Parameter(torch.randn(n_positions, n_embd) * 0.02)
-            self.embed_scale = 1.0
-            nn.init.normal_(self.embedding.weight, std=0.02)
-        else:  # Vaswani et al.: token vectors scaled up to the unit size of the sine/cosine codes
+        if positions == "sinusoidal":  # Vaswani et al.: token vectors scaled up to the unit size of the codes
             self.register_buffer("positions", sinusoidal_positions(n_positions, n_embd), persistent=False)
             self.embed_scale = math.sqrt(n_embd)
             nn.init.normal_(self.embedding.weight, std=n_embd**-0.5)
+        else:  # learned vectors added to the token vectors, or none to add (rope rotates inside attention)
+            self.positions = nn.Parameter(torch.randn(n_positions, n_embd) * 0.02) if positions == "learned" else None
+            self.embed_scale = 1.0
+            nn.init.normal_(self.embedding.weight, std=0.02)
         if self.pooling == "cls":
             self.cls = nn.Parameter(torch.randn(n_embd) * 0.02)
         self.drop = nn.Dropout(dropout)
@@ -165,7 +187,7 @@ class TransformerClassifier(ClassifierNetwork):
             lengths = lengths + 1
         T = x.size(1)
         mask = valid_mask(lengths, T)
-        x = self.drop(x + self.positions[:T])
+        x = self.drop(x if self.positions is None else x + self.positions[:T])
         for block in self.blocks:
             x, _ = block(x, key_mask=mask)
         x = self.ln_f(x)

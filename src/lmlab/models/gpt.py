@@ -11,14 +11,11 @@ from torch import nn
 
 from lmlab.models.attention import KV
 from lmlab.models.base import LanguageModelNetwork
-from lmlab.models.choices import choice
 from lmlab.models.positions import sinusoidal_positions
 from lmlab.models.transformer import Block, BlockSpec, init_residual_outputs, init_weights
 from lmlab.registry import register
 
 KVCache = list[KV]
-#: ``model.position``: learned vectors or the sinusoidal table added to the token vectors, or rotary (in attention)
-POSITIONS = ("learned", "sinusoidal", "rope")
 
 
 @register("network")
@@ -49,8 +46,9 @@ class GPT(LanguageModelNetwork):
         rope_theta: float = 10000.0,
     ) -> None:
         super().__init__()
-        self.position = choice("model.position", position, POSITIONS)
-        spec = BlockSpec(
+        spec = BlockSpec.positioned(
+            position,
+            rope_theta,
             n_embd=n_embd,
             n_head=n_head,
             dropout=dropout,
@@ -61,8 +59,8 @@ class GPT(LanguageModelNetwork):
             mlp_hidden=mlp_hidden,
             mlp_multiple_of=mlp_multiple_of,
             n_kv_head=n_kv_head,
-            rope_theta=rope_theta if position == "rope" else None,
         )
+        self.position = position
         self.block_size = block_size
         self.wte = nn.Embedding(vocab_size, n_embd)
         if position == "learned":

@@ -8,6 +8,10 @@ import math
 import torch
 from torch import nn
 
+#: how a Transformer knows where each token is: learned vectors or the sinusoidal table added to the token
+#: vectors, or rotary (``rope``: queries and keys rotated inside self-attention)
+POSITIONS = ("learned", "sinusoidal", "rope")
+
 
 def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:
     """The fixed sine/cosine position table of Vaswani et al. (2017), ``(n, dim)``: no parameters to learn,

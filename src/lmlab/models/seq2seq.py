@@ -190,12 +190,19 @@ class RecurrentSeq2Seq(Seq2SeqFromScratch):
 # -- Transformer ----------------------------------------------------------------------------------------
 @register("network")
 class TransformerSeq2Seq(Seq2SeqFromScratch):
-    """Pre-LayerNorm Transformer encoder-decoder (Vaswani et al. 2017) with fused SDPA attention.
+    """Pre-norm Transformer encoder-decoder (Vaswani et al. 2017) with fused SDPA attention.
 
     Token vectors are scaled by ``sqrt(n_embd)`` before positions are added. Each decoder layer projects
     the memory's keys and values once in :meth:`encode`. ``decode_step`` keeps a KV cache of the target
     prefix; with ``use_cache=False`` it keeps the prefix's tokens and runs the decoder over all of them at
     every step instead, the slow reference the cache must agree with.
+
+    The norm, MLP, key/value heads and positions are the choices GPT offers (LayerNorm, GELU, multi-head and
+    sinusoidal by default); ``n_kv_head`` sets the key/value heads of every attention, cross-attention too.
+    ``positions=rope`` rotates queries and keys in the encoder's and the decoder's self-attention only
+    (nothing is added to the token vectors, still scaled as above): cross-attention compares a target
+    position with a source one, whose distance means nothing, and the memory already carries the source's
+    positions. ``max_positions`` still bounds both sides then, so decoding knows its longest target.
     """
 
     def __init__(
@@ -216,9 +223,29 @@ class TransformerSeq2Seq(Seq2SeqFromScratch):
         share_embeddings: bool = False,
         tie_output: bool = True,
         use_cache: bool = True,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        mlp: str = "gelu",
+        mlp_hidden: int | None = None,
+        mlp_multiple_of: int = 256,
+        n_kv_head: int | None = None,
+        rope_theta: float = 10000.0,
     ) -> None:
-        spec = BlockSpec(n_embd=n_embd, n_head=n_head, dropout=dropout, bias=bias)
-        choice("model.positions", positions, ("sinusoidal", "learned"))
+        spec = BlockSpec.positioned(
+            positions,
+            rope_theta,
+            "model.positions",
+            n_embd=n_embd,
+            n_head=n_head,
+            dropout=dropout,
+            bias=bias,
+            norm=norm,
+            norm_eps=norm_eps,
+            mlp=mlp,
+            mlp_hidden=mlp_hidden,
+            mlp_multiple_of=mlp_multiple_of,
+            n_kv_head=n_kv_head,
+        )
         super().__init__(
             src_vocab_size, tgt_vocab_size, src_pad_id, tgt_pad_id, shared_vocabulary, n_embd, share_embeddings
         )
@@ -228,10 +255,12 @@ class TransformerSeq2Seq(Seq2SeqFromScratch):
         if positions == "learned":
             self.src_positions = nn.Parameter(torch.empty(max_positions, n_embd))
             self.tgt_positions = nn.Parameter(torch.empty(max_positions, n_embd))
-        else:
+        elif positions == "sinusoidal":
             table = sinusoidal_positions(max_positions, n_embd)
             self.register_buffer("src_positions", table, persistent=False)
             self.register_buffer("tgt_positions", table, persistent=False)
+        else:  # rope: nothing to add, self-attention rotates queries and keys
+            self.src_positions = self.tgt_positions = None
         self.drop = nn.Dropout(dropout)
         self.encoder = nn.ModuleList(Block(spec, causal=False) for _ in range(encoder_layers))
         self.ln_enc = spec.make_norm()
@@ -257,15 +286,18 @@ class TransformerSeq2Seq(Seq2SeqFromScratch):
         init_residual_outputs(self.encoder)
         init_residual_outputs(self.decoder)
 
-    def _embed(self, ids: torch.Tensor, table: nn.Embedding, positions: torch.Tensor, start: int) -> torch.Tensor:
+    def _embed(
+        self, ids: torch.Tensor, table: nn.Embedding, positions: torch.Tensor | None, start: int
+    ) -> torch.Tensor:
         end = start + ids.size(1)
-        if end > positions.size(0):
-            raise ValueError(f"A sequence of {end} tokens exceeds model.max_positions ({positions.size(0)}).")
-        return self.drop(table(ids) * self.embed_scale + positions[start:end])
+        if end > self.max_target_positions:
+            raise ValueError(f"A sequence of {end} tokens exceeds model.max_positions ({self.max_target_positions}).")
+        x = table(ids) * self.embed_scale
+        return self.drop(x if positions is None else x + positions[start:end])
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
         """The source ``mask (B, S)`` and, per decoder layer, the memory's cross-attention keys and values,
-        each ``(B, n_head, S, head_size)``."""
+        each ``(B, n_kv_head, S, head_size)``."""
         mask = valid_mask(src_lengths, src.size(1))
         x = self._embed(src, self.src_embedding, self.src_positions, 0)
         for block in self.encoder:
@@ -286,7 +318,7 @@ class TransformerSeq2Seq(Seq2SeqFromScratch):
     def decode_step(
         self, tokens: torch.Tensor, memory: Memory, state: State | None = None
     ) -> tuple[torch.Tensor, State]:
-        """The state is the self-attention KV cache, one ``(k, v)`` per layer, each ``(B, n_head, t,
+        """The state is the self-attention KV cache, one ``(k, v)`` per layer, each ``(B, n_kv_head, t,
         head_size)``; without the cache it is the prefix's tokens ``(B, t)``."""
         if self.use_cache:
             logits, cache = self._decode(tokens[:, None], memory, state)

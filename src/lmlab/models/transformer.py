@@ -3,15 +3,17 @@ Transformer in lmlab starts from.
 
 :class:`BlockSpec` holds the choices (width, heads, key/value heads, norm, MLP, rotary positions) and checks
 them once; :class:`Block` (decoder or encoder layer) and :class:`DecoderBlock` (encoder-decoder layer) build
-their parts from it. Defaults are the original Transformer's parts: LayerNorm, 4x GELU MLP, multi-head
-attention, no rotation; a Llama-style model is ``norm="rmsnorm", mlp="swiglu", n_kv_head < n_head`` with
-``rope_theta`` set.
+their parts from it; :meth:`BlockSpec.positioned` is how every network makes its spec, so GPT, the encoder
+classifier and the encoder-decoder offer the same choices with the same checks. Defaults are the original
+Transformer's parts: LayerNorm, 4x GELU MLP, multi-head attention, no rotation; a Llama-style model is
+``norm="rmsnorm", mlp="swiglu", n_kv_head < n_head`` with ``rope_theta`` set.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from lmlab.models.attention import KV, CrossAttention, SelfAttention
 from lmlab.models.choices import choice
 from lmlab.models.mlp import MLPS, mlp_hidden_size
 from lmlab.models.norms import NORMS, make_norm
-from lmlab.models.positions import RotaryEmbedding
+from lmlab.models.positions import POSITIONS, RotaryEmbedding
 
 INIT_STD = 0.02  # GPT-2's
 
@@ -29,8 +31,9 @@ INIT_STD = 0.02  # GPT-2's
 @dataclass(frozen=True)
 class BlockSpec:
     """What every block of one network is made of. ``rope_theta``: the rotary base, ``None`` for no rotary
-    positions (the network then adds positions to its token vectors). Invalid values raise
-    :class:`ConfigError` naming the ``model.*`` key."""
+    positions (the network then adds positions to its token vectors); ``position_key``: the config key that
+    chose rotary positions, for its errors. Invalid values raise :class:`ConfigError` naming the ``model.*``
+    key."""
 
     n_embd: int
     n_head: int
@@ -43,6 +46,17 @@ class BlockSpec:
     mlp_multiple_of: int = 256
     n_kv_head: int | None = None
     rope_theta: float | None = None
+    position_key: str = "model.position"
+
+    @classmethod
+    def positioned(
+        cls, position: str, rope_theta: float, position_key: str = "model.position", **parts: Any
+    ) -> BlockSpec:
+        """The spec of a network whose ``position_key`` setting is ``position``, one of :data:`POSITIONS`:
+        ``rope`` rotates queries and keys by ``rope_theta``; learned and sinusoidal positions leave attention
+        unrotated, for the network to add to its token vectors. ``parts``: the other fields."""
+        choice(position_key, position, POSITIONS)
+        return cls(**parts, rope_theta=rope_theta if position == "rope" else None, position_key=position_key)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -59,7 +73,7 @@ class BlockSpec:
         if self.rope_theta is not None:
             if self.head_size % 2:
                 raise ConfigError(
-                    f"model.position=rope rotates pairs of features, so the head size model.n_embd / model.n_head "
+                    f"{self.position_key}=rope rotates pairs of features, so the head size model.n_embd / model.n_head "
                     f"({self.n_embd} / {self.n_head} = {self.head_size}) must be even."
                 )
             if self.rope_theta <= 0:
@@ -82,10 +96,20 @@ class BlockSpec:
         hidden = mlp_hidden_size(self.mlp, self.n_embd, self.mlp_hidden, self.mlp_multiple_of)
         return MLPS[self.mlp](self.n_embd, hidden, self.dropout, self.bias)
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or one per query head."""
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
     def make_self_attention(self, causal: bool) -> SelfAttention:
         rotary = RotaryEmbedding(self.head_size, self.rope_theta) if self.rope_theta is not None else None
-        n_kv_head = self.n_kv_head if self.n_kv_head is not None else self.n_head
-        return SelfAttention(self.n_embd, self.n_head, n_kv_head, self.dropout, self.bias, causal, rotary)
+        return SelfAttention(self.n_embd, self.n_head, self.kv_heads, self.dropout, self.bias, causal, rotary)
+
+    def make_cross_attention(self) -> CrossAttention:
+        """Never rotated, even with rotary positions: a target query's position and a source key's count along
+        different sequences, so their distance means nothing, and the memory already carries the source's
+        positions (T5's relative positions likewise stay out of cross-attention)."""
+        return CrossAttention(self.n_embd, self.n_head, self.kv_heads, self.dropout, self.bias)
 
 
 class Block(nn.Module):
@@ -120,7 +144,7 @@ class DecoderBlock(nn.Module):
         self.ln_1 = spec.make_norm()
         self.attn = spec.make_self_attention(causal=True)
         self.ln_2 = spec.make_norm()
-        self.cross = CrossAttention(spec.n_embd, spec.n_head, spec.dropout, spec.bias)
+        self.cross = spec.make_cross_attention()
         self.ln_3 = spec.make_norm()
         self.mlp = spec.make_mlp()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,8 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from lmlab import __version__
+from lmlab.config import locate
+from lmlab.data.info import DataInfo
 from lmlab.errors import NonFiniteLossError
 from lmlab.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
@@ -37,7 +39,8 @@ class TaskModule(L.LightningModule):
     checkpoints load with ``torch.load(weights_only=True)``.
     """
 
-    #: data_info keys the network is built from, passed to the model when its constructor takes them
+    #: fields of the data's info (:mod:`lmlab.data.info`) the network is built from, passed to the model when
+    #: its constructor takes them
     network_inputs: tuple[str, ...] = ("vocab_size",)
     #: the data module class (dotted path) this task reads; the config check rejects other data options
     data_module: str = "lmlab.data.base.TaskDataModule"
@@ -55,7 +58,7 @@ class TaskModule(L.LightningModule):
     def __init__(
         self,
         model: dict[str, Any],
-        data_info: dict[str, Any],
+        data_info: Mapping[str, Any],
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         compile: bool = False,
@@ -67,14 +70,18 @@ class TaskModule(L.LightningModule):
         self.save_hyperparameters(ignore=["tokenizer_state", "run_config"])
         self.tokenizer_state, self.run_config = tokenizer_state, run_config
         self.tokenizer: Tokenizer | None = tokenizer_from_state(tokenizer_state) if tokenizer_state else None
-        self.net = self.build_network(model, data_info)
+        info_type: type[DataInfo] = locate(self.data_module).info_type
+        info_type.check_inputs(self.network_inputs, type(self).__name__)
+        #: what the data decided, typed; ``hparams.data_info`` holds it as the checkpoint stores it
+        self.info = info_type.from_dict(data_info)
+        self.net = self.build_network(model, self.info)
         self._forward = torch.compile(self.net) if compile else self.net
         self._pending_rng: dict[str, Any] | None = None
         self.loss_means = nn.ModuleDict({stage: MeanMetric() for stage in STAGES})
         self.scores = nn.ModuleDict({stage: self.stage_metrics() for stage in STAGES})
 
-    def build_network(self, model: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:
-        return build_network(model, data_info, self.network_inputs)
+    def build_network(self, model: dict[str, Any], info: DataInfo) -> nn.Module:
+        return build_network(model, info, self.network_inputs)
 
     def batch_counts(self, batch: Any) -> tuple[int, int]:
         """``(examples, tokens)`` of a training batch, for throughput: the input tensor's rows and elements."""
@@ -94,7 +101,7 @@ class TaskModule(L.LightningModule):
         scores = self.scores[stage]
         return {f"{stage}/{name}": value for name, value in scores.compute().items()} if len(scores) else {}
 
-    def observe_data(self, data_info: dict[str, Any]) -> None:
+    def observe_data(self, info: DataInfo) -> None:
         """Take the statistics that metrics read (not the network's inputs) from the data about to be scored."""
 
     def infer(self, texts: Sequence[str], **options: Any) -> list[Any]:

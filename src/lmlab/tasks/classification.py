@@ -53,17 +53,16 @@ class ClassificationTask(TaskModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        info = self.hparams.data_info
-        self.labels: list[str] = list(info["labels"])
+        self.labels: list[str] = list(self.info.labels)
         num_classes = len(self.labels)
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"task.module.label_smoothing must be in [0, 1), got {label_smoothing}.")
-        self.register_buffer("class_weight", _class_weights(class_weights, info.get("label_counts"), num_classes))
+        self.register_buffer("class_weight", _class_weights(class_weights, self.info.label_counts, num_classes))
         self.confusion = nn.ModuleDict({s: MulticlassConfusionMatrix(num_classes) for s in STAGES})
         self.confusion_matrices: dict[str, torch.Tensor] = {}
 
     def stage_metrics(self) -> MetricCollection:
-        return _scores(self.hparams.data_info["num_classes"])
+        return _scores(self.info.num_classes)
 
     def datamodule_kwargs(self) -> dict[str, Any]:
         return {**super().datamodule_kwargs(), "labels": self.labels}
@@ -136,8 +135,7 @@ class ClassificationTask(TaskModule):
         """Class probabilities ``(len(texts), num_classes)``, encoded exactly as the training data was."""
         if self.tokenizer is None:
             raise TokenizerError("This model has no tokenizer attached; load it from a lmlab checkpoint.")
-        info = self.hparams.data_info
-        encoded, _ = self.tokenizer.encode_batch(texts, info["max_length"], info["add_special_tokens"])
+        encoded, _ = self.tokenizer.encode_batch(texts, self.info.max_length, self.info.add_special_tokens)
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
             raise TokenizerError(
@@ -148,7 +146,7 @@ class ClassificationTask(TaskModule):
         with self.inference() as device:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                ids, lengths = pad_batch([encoded[i] for i in rows], info["pad_id"])
+                ids, lengths = pad_batch([encoded[i] for i in rows], self.info.pad_id)
                 probs[rows] = self(ids.to(device), lengths.to(device)).float().softmax(-1).cpu()
         return probs
 

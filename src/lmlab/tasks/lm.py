@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmlab.data.info import LMDataInfo
 from lmlab.language_model import DATA_MODULE, NETWORK_INPUTS, LanguageModel
 from lmlab.registry import register
 from lmlab.tasks.base import TaskModule
@@ -45,14 +47,15 @@ class LanguageModelingTask(TaskModule):
 
     def epoch_metrics(self, stage: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         metrics = {f"{stage}/ppl": torch.exp(loss)}
-        chars_per_token = self.hparams.data_info.get("chars_per_token", {}).get(_SPLIT_NAMES[stage])
+        chars_per_token = self.info.chars_per_token.get(_SPLIT_NAMES[stage])
         if chars_per_token:
             metrics[f"{stage}/bpc"] = loss / math.log(2) / chars_per_token
         return metrics
 
-    def observe_data(self, data_info: dict[str, Any]) -> None:
+    def observe_data(self, info: LMDataInfo) -> None:
         """Bits per character divide by the scored text's characters per token, not the training data's."""
-        self.hparams.data_info["chars_per_token"] = data_info["chars_per_token"]
+        self.info = dataclasses.replace(self.info, chars_per_token=info.chars_per_token)
+        self.hparams.data_info["chars_per_token"] = info.chars_per_token
 
     # -- sampling -----------------------------------------------------------------------------
     def generate_text(self, prompt: str, **options: Any) -> list[str]:

@@ -97,8 +97,7 @@ class TranslationTask(TaskModule):
             "val": Decoding.from_config(val_decoding, "task.module.val_decoding"),
             "test": Decoding.from_config(test_decoding, "task.module.test_decoding"),
         }
-        info = self.hparams.data_info
-        self.pad_id, self.eos_id = info["tgt_pad_id"], info["eos_id"]
+        self.pad_id, self.eos_id = self.info.tgt_pad_id, self.info.eos_id
         self._decoding_now = False
 
     def stage_metrics(self) -> MetricCollection:
@@ -156,7 +155,7 @@ class TranslationTask(TaskModule):
 
     def decode_ids(self, src: torch.Tensor, src_lengths: torch.Tensor, settings: Decoding) -> list[list[int]]:
         """Target ids (without begin and end tokens) of each source row, by greedy or beam search."""
-        cap = self.hparams.data_info["max_target_length"]
+        cap = self.info.max_target_length
         max_lengths = max_target_lengths(src_lengths, settings.max_length_ratio, settings.max_length_offset, cap)
         with self.inference():
             if settings.beam_size == 1:
@@ -182,13 +181,13 @@ class TranslationTask(TaskModule):
         (``settings`` defaults to the test decoding); an empty text translates to an empty string."""
         settings = settings or self.decoding["test"]
         tokenizer = self._pair()
-        info = self.hparams.data_info
-        encoded, truncated = encode_sources(tokenizer, texts, info["max_source_length"], info.get("source_prefix", ""))
+        info = self.info
+        encoded, truncated = encode_sources(tokenizer, texts, info.max_source_length, info.source_prefix)
         if truncated:
             log.warning(
                 "%d input sentence(s) were longer than the model's max_source_length=%d tokens and were cut.",
                 truncated,
-                self.hparams.data_info["max_source_length"],
+                info.max_source_length,
             )
         device = next(self.net.parameters()).device
         rows = [i for i, text in enumerate(texts) if text.strip()]

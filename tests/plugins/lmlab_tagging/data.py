@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ import torch
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.batching import BucketBatchSampler, pad_batch
 from lmlab.data.classification import pad_id_of
+from lmlab.data.info import DataInfo
 from lmlab.data.storage import BatchedDataset, RaggedIds, save_ragged
 from lmlab.data.tables import SplitTable, TableSource
 from lmlab.errors import DataError
@@ -71,6 +73,17 @@ class EncodedSentences(BatchedDataset):
         return TagBatch(ids, lengths, tags)
 
 
+@dataclass(frozen=True)
+class TaggingDataInfo(DataInfo):
+    """What the data decides for tagging: the network's vocabulary and tag count, the tags' names."""
+
+    vocab_size: int
+    pad_id: int
+    num_tags: int
+    tags: list[str]
+    max_length: int
+
+
 @register("data")
 class TaggingDataModule(TaskDataModule):
     """Tagged sentences from a :class:`TableSource` (roles ``tokens`` and ``tags``), encoded once (cached).
@@ -79,29 +92,21 @@ class TaggingDataModule(TaskDataModule):
     tags of the training split.
     """
 
+    roles = ("tokens", "tags")
+    info_type = TaggingDataInfo
+
     def __init__(
         self,
         source: TableSource,
         tokenizer: TokenizerBuilder | Tokenizer,
         max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
         bucket_batches: int = 100,
         tags: Sequence[str] | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        cache_dir: str = ".cache/lmlab",
-        seed: int = 1337,
-        splits: Collection[str] | None = None,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            source, tokenizer, batch_size, eval_batch_size, num_workers, pin_memory, cache_dir, seed, splits
-        )
+        super().__init__(source, tokenizer, **loading)
         if max_length < 1:
             raise DataError(f"data.max_length must be positive, got {max_length}.")
-        missing = {"tokens", "tags"} - set(source.columns)
-        if missing:
-            raise DataError(f"data.source.columns needs a column name for {sorted(missing)}.")
         self.max_length, self.bucket_batches = max_length, bucket_batches
         self.fixed_tags = [str(tag) for tag in tags] if tags is not None else None
 
@@ -164,17 +169,17 @@ class TaggingDataModule(TaskDataModule):
         return EncodedSentences(folder, name, pad_id_of(self.tokenizer))
 
     @property
-    def data_info(self) -> dict[str, Any]:
+    def data_info(self) -> TaggingDataInfo:
         """What the task builds its network from (and saves in its checkpoint)."""
         assert self.tokenizer is not None, "call setup() first"
         pad_id = pad_id_of(self.tokenizer)
-        return {
-            "vocab_size": max(self.tokenizer.vocab_size, pad_id + 1),
-            "pad_id": pad_id,
-            "num_tags": len(self.meta["tags"]),
-            "tags": list(self.meta["tags"]),
-            "max_length": self.max_length,
-        }
+        return TaggingDataInfo(
+            vocab_size=max(self.tokenizer.vocab_size, pad_id + 1),
+            pad_id=pad_id,
+            num_tags=len(self.meta["tags"]),
+            tags=list(self.meta["tags"]),
+            max_length=self.max_length,
+        )
 
     def train_sampler(self, data: EncodedSentences, rank: int, world: int) -> BucketBatchSampler:
         return BucketBatchSampler(data.lengths, self.batch_size, True, self.seed, self.bucket_batches, rank, world)

@@ -31,10 +31,10 @@ class TaggingTask(TaskModule):
 
     @property
     def tags(self) -> list[str]:
-        return list(self.hparams.data_info["tags"])
+        return list(self.info.tags)
 
     def stage_metrics(self) -> MetricCollection:
-        return MetricCollection({"acc": MulticlassAccuracy(self.hparams.data_info["num_tags"], average="micro")})
+        return MetricCollection({"acc": MulticlassAccuracy(self.info.num_tags, average="micro")})
 
     def datamodule_kwargs(self) -> dict[str, Any]:
         return {**super().datamodule_kwargs(), "tags": self.tags}
@@ -72,7 +72,7 @@ class TaggingTask(TaskModule):
         sentences = [text.split() for text in texts]
         encoded = word_ids(self.tokenizer, sentences)
         predicted: list[list[str]] = [[] for _ in texts]
-        pad_id = self.hparams.data_info["pad_id"]
+        pad_id = self.info.pad_id
         with self.inference() as device:
             for first in range(0, len(texts), batch_size):
                 rows = [i for i in range(first, min(first + batch_size, len(texts))) if encoded[i]]
