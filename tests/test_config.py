@@ -422,6 +422,14 @@ def test_misspelled_key_suggests_the_valid_one(make_cfg) -> None:
         validate_config(make_cfg(["+model.n_layr=2"]))
 
 
+@pytest.mark.parametrize("model", ["gpt", "transformer_encoder", "transformer_seq2seq"])
+def test_part_choices_taken_as_typed_keywords_are_known_keys(model: str, make_cfg) -> None:
+    task = {"gpt": "lm", "transformer_encoder": "classification", "transformer_seq2seq": "translation"}[model]
+    validate_config(make_cfg([f"task={task}", f"model={model}", "model.norm=rmsnorm", "model.n_kv_head=1"]))
+    with pytest.raises(ConfigError, match="Did you mean 'norm'"):
+        validate_config(make_cfg([f"task={task}", f"model={model}", "+model.nrom=rmsnorm"]))
+
+
 def test_hydra_refuses_unknown_key_without_plus(make_cfg) -> None:
     with pytest.raises(ConfigCompositionException, match=r"model\.n_layr"):
         make_cfg(["model.n_layr=2"])

@@ -14,6 +14,7 @@ from torch import nn
 
 from lmlab.decoding import beam_search, greedy_decode, max_target_lengths, select_rows
 from lmlab.errors import ConfigError
+from lmlab.tasks.translation import Decoding
 
 PAD, BOS, EOS, JUNK = 0, 1, 2, 3
 VOCAB = 10
@@ -402,3 +403,10 @@ def test_beam_size_below_one_is_a_config_error(beam_size: int) -> None:
         beam_search(TableNet(), src, lengths, T_BOS, T_EOS, torch.full((2,), 5), beam_size=beam_size)
     with pytest.raises(ConfigError, match="beam_size"):
         beam_search(TableNet(), src[:0], lengths[:0], T_BOS, T_EOS, lengths[:0], beam_size=beam_size)
+
+
+def test_decoding_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"task.module.val_decoding: unknown setting\(s\) \['beam'\]"):
+        Decoding.from_config({"beam": 3}, "task.module.val_decoding")
+    with pytest.raises(ConfigError, match="beam_size must be at least 1"):
+        Decoding.from_config({"beam_size": 0}, "task.module.test_decoding")

@@ -199,6 +199,11 @@ def listings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             [script("lmlab-train"), SEARCH_PATH, "task=tagging", "data=pydoc", *QUIET], tmp, "other_data", importable
         ),
     }
+    for task in ("tagging", "lm"):  # shell completion of model= on a line that puts the plugin on the search path
+        line = f"lmlab-train {SEARCH_PATH} task={task} model="
+        commands[f"complete_{task}"] = Command(
+            [script("lmlab-train"), "-sc", "query=bash"], tmp, f"complete_{task}", {**importable, "COMP_LINE": line}
+        )
     for command in commands.values():
         command.wait()
     return {"commands": commands}
@@ -222,6 +227,15 @@ def test_refusal_of_another_tasks_data_names_the_plugins_data(listings: dict[str
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert "data=pydoc is data for another task: task=tagging" in refused.stderr
     assert "Pick one of data=tagging_files." in refused.stderr
+
+
+def test_completion_of_model_offers_the_plugin_tasks_models_to_it_alone(listings: dict[str, Any]) -> None:
+    offered = {
+        task: {word.removeprefix("model=") for word in ok(listings, f"complete_{task}").stdout.split()}
+        for task in ("tagging", "lm")
+    }
+    assert offered["tagging"] == {"bigru_tagger"}, offered["tagging"]
+    assert "bigru_tagger" not in offered["lm"] and {"gpt", "lstm"} <= offered["lm"], offered["lm"]
 
 
 def test_options_of_a_folder_on_the_search_path_are_listed(

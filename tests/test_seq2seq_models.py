@@ -230,7 +230,7 @@ LEARNERS = {
     "transformer": (lambda: TransformerSeq2Seq(**JOINT, **SMALL_TRANSFORMER, max_positions=16), 400, 1e-3),
     "pretrained_t5": (
         lambda: PretrainedSeq2Seq(**JOINT, **EOS_ID, name_or_path=str(toy_seq2seq_folder("t5", V + 4, False))),
-        400,
+        600,  # its start is the saved toy weights, whatever the seed: 400 steps gave 78% on some CPUs
         1e-3,
     ),
 }

@@ -275,7 +275,9 @@ def test_transformer_fixtures_load_strictly_and_give_their_logits(name: str) -> 
     recorded = torch.load(FIXTURES / f"{name}.logits.pt")
     with torch.no_grad():
         out = net.eval()(*recorded["inputs"])
-    assert torch.equal(out[0] if name.startswith("lm_") else out, recorded["logits"])
+    logits = out[0] if name.startswith("lm_") else out
+    # recorded on another CPU, whose kernels may round the last bit differently: the same bound as the compat test
+    assert torch.allclose(logits, recorded["logits"], rtol=0, atol=1e-6), (logits - recorded["logits"]).abs().max()
 
 
 # -- the same choices on the Transformer classifier and the seq2seq Transformer -------------------------

@@ -36,10 +36,6 @@ BUILT_FROM = {
     "lmlab.config.data.source": "source",
     "lmlab.config.tokenizer": "tokenizer",
 }
-#: lmlab's own registered classes that a language model's checkpoint names, by dotted path, and the kind each is
-#: registered as: their modules import Lightning (seconds), so they are known allowed by name and reading such a
-#: checkpoint (lmlab-generate) imports neither them nor Lightning
-REGISTERED_BY_NAME = {language_model.TASK: "task", language_model.DATA_MODULE: "data"}
 #: a Hugging Face config key that points transformers at custom model code
 _REMOTE_CODE_KEY = "auto_map"
 
@@ -99,19 +95,11 @@ def verify_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
 
 def _network_inputs(task: Any, path: str | Path) -> tuple[str, ...]:
     """The ``data_info`` keys the checkpoint's task builds its network from; a task off the allow-list is refused."""
-    if not _is_allowed(task, "task"):
+    if not registry.is_allowed(task, "task"):
         raise _refused(path, "lmlab.task", task, "task")
     if task == language_model.TASK:
         return language_model.NETWORK_INPUTS
     return getattr(locate(task), "network_inputs", ())
-
-
-def _is_allowed(target: Any, kind: str | None) -> bool:
-    """:func:`registry.is_allowed`, answered without importing anything for :data:`REGISTERED_BY_NAME`."""
-    known = REGISTERED_BY_NAME.get(target) if isinstance(target, str) else None
-    if known is not None and kind in (None, known):
-        return True
-    return registry.is_allowed(target, kind)
 
 
 def _get(ckpt: dict[str, Any], key: str) -> Any:
@@ -135,7 +123,7 @@ def _verify_node(node: Any, key: str, path: str | Path) -> None:
         return
     if not isinstance(node, dict):
         return
-    if "_target_" in node and not _is_allowed(node["_target_"], BUILT_FROM.get(key)):
+    if "_target_" in node and not registry.is_allowed(node["_target_"], BUILT_FROM.get(key)):
         raise _refused(path, f"{key}._target_", node["_target_"], BUILT_FROM.get(key))
     if _REMOTE_CODE_KEY in node:
         raise UnsafeCheckpointError(

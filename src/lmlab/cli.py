@@ -126,7 +126,8 @@ def _models_of_the_task(
     listed = OmegaConf.select(composed, "task.models")
     if not listed:
         return options
-    claimed = {model for models in task_models().values() for model in models}
+    sources = OmegaConf.select(composed, "hydra.runtime.config_sources")
+    claimed = {model for models in task_models(sources).values() for model in models}
     return [option for option in options if option in listed or option not in claimed]
 
 

@@ -140,12 +140,17 @@ def _located(cfg: DictConfig, key: str, attribute: str | None = None) -> Any:
         return None
 
 
-def task_models() -> dict[str, list[str]]:
-    """Each ``conf/task`` option and the model options it lists under ``task.models``."""
-    return {
-        path.stem: list(OmegaConf.select(OmegaConf.load(path), "task.models") or [])
-        for path in sorted((Path(config_dir()) / "task").glob("*.yaml"))
-    }
+def task_models(config_sources: Any = None) -> dict[str, list[str]]:
+    """Each ``task`` option of the run's search path (lmlab's ``conf/task`` and a plugin's) and the model
+    options it lists under ``task.models``. ``config_sources``: a composed config's
+    ``hydra.runtime.config_sources``, for callers outside the running app (shell completion)."""
+    repo = _config_repository(config_sources)
+    listed = {}
+    for name in repo.get_group_options("task"):
+        loaded = repo.load_config(f"task/{name}")
+        if loaded is not None:
+            listed[name] = list(OmegaConf.select(loaded.config, "task.models") or [])
+    return listed
 
 
 def data_options() -> dict[str, str]:
@@ -167,11 +172,11 @@ def data_options() -> dict[str, str]:
     return {name: target for name in repo.get_group_options("data") if (target := target_of(name))}
 
 
-def _config_repository() -> ConfigRepository:
+def _config_repository(config_sources: Any = None) -> ConfigRepository:
     """Hydra's repository of the folders the running app reads configs from, in its order (the first folder
     holding an option is the one composed): lmlab's ``conf/`` and those that ``hydra.searchpath`` (a plugin's,
-    on the command line or in a primary config) or a search-path plugin adds. Outside a Hydra app,
-    ``conf/`` alone."""
+    on the command line or in a primary config) or a search-path plugin adds; or those of ``config_sources``
+    (a composed config's ``hydra.runtime.config_sources``). Outside a Hydra app, ``conf/`` alone."""
     from hydra._internal.config_repository import ConfigRepository
     from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
     from hydra.core.hydra_config import HydraConfig
@@ -179,8 +184,10 @@ def _config_repository() -> ConfigRepository:
 
     Plugins.instance()  # discovering Hydra's plugins registers the kinds of folder (file://, pkg://)
     search_path = ConfigSearchPathImpl()
-    if HydraConfig.initialized():
-        for source in HydraConfig.get().runtime.config_sources:
+    if config_sources is None and HydraConfig.initialized():
+        config_sources = HydraConfig.get().runtime.config_sources
+    if config_sources is not None:
+        for source in config_sources:
             search_path.append(source.provider, f"{source.schema}://{source.path}")
     else:
         search_path.append("lmlab", f"file://{config_dir()}")
@@ -213,9 +220,12 @@ def accepted_keys(target: Any) -> set[str] | None:
     A class whose constructor takes ``**kwargs`` and subclasses one of lmlab's classes hands them to that base
     (as the data modules hand their loader settings to :class:`~lmlab.data.base.TaskDataModule`, and the
     tasks theirs to :class:`~lmlab.tasks.base.TaskModule`): it accepts the names of the constructors up its
-    base classes, as far as the first without ``**kwargs``. ``**kwargs`` that go to a class of another
-    library (a Lightning strategy's, handed on to PyTorch) may be anything.
+    base classes, as far as the first without ``**kwargs``. ``**kwargs: Unpack[SomeTypedDict]`` accept that
+    dict's fields (the Transformer networks' part choices). ``**kwargs`` that go to a class of another library
+    (a Lightning strategy's, handed on to PyTorch) may be anything.
     """
+    from lmlab.values import typed_keywords
+
     if inspect.isclass(target):
         constructors = [vars(k)["__init__"] for k in target.__mro__ if "__init__" in vars(k)]
     else:
@@ -226,8 +236,9 @@ def accepted_keys(target: Any) -> set[str] | None:
             return None
         params = inspect.signature(fn).parameters.values()
         keys |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return keys
+        typed = typed_keywords(fn)
+        if typed is not None or not any(p.kind is p.VAR_KEYWORD for p in params):
+            return keys | set(typed or ())
     return None
 
 

@@ -68,15 +68,15 @@ def max_target_lengths(src_lengths: torch.Tensor, ratio: float, offset: int, cap
     return lengths
 
 
-def _generation_limits(
-    net: nn.Module, max_lengths: torch.Tensor | int, batch: int, device: torch.device
-) -> torch.Tensor:
-    """``max_lengths`` as a ``(B,)`` tensor on ``device``, capped by the network's target positions."""
-    limits = torch.as_tensor(max_lengths, dtype=torch.long, device=device).expand(batch)
+def _generation_limits(net: nn.Module, max_lengths: torch.Tensor | int, src: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``max_lengths`` as a ``(B,)`` tensor on ``src``'s device, capped by the network's target positions, and
+    the steps the batch needs: the largest limit, 0 for an empty batch."""
+    limits = torch.as_tensor(max_lengths, dtype=torch.long, device=src.device).expand(src.size(0))
     positions = getattr(net, "max_target_positions", None)
     if positions is not None:
         limits = limits.clamp(max=max(int(positions) - 1, 0))  # the begin token takes one position
-    return limits.clamp(min=0)
+    limits = limits.clamp(min=0)
+    return limits, int(limits.max()) if len(limits) else 0
 
 
 def _check_beam_size(beam_size: int, vocab_size: int | None) -> None:
@@ -88,10 +88,6 @@ def _check_beam_size(beam_size: int, vocab_size: int | None) -> None:
             f"beam_size={beam_size} is larger than the target vocabulary size ({vocab_size} tokens), so the beams "
             f"cannot hold distinct hypotheses; set beam_size to at most {vocab_size}."
         )
-
-
-def _empty_results(batch: int) -> list[list[int]]:
-    return [[] for _ in range(batch)]
 
 
 @torch.no_grad()
@@ -109,14 +105,10 @@ def greedy_decode(
     keep being fed the end token (the batch is stepped as a whole) but their outputs are ignored;
     stepping stops as soon as every row is done.
     """
-    batch = src.size(0)
-    if batch == 0:
-        return []
-    device = src.device
-    limits = _generation_limits(net, max_lengths, batch, device)
-    steps = int(limits.max())
+    batch, device = src.size(0), src.device
+    limits, steps = _generation_limits(net, max_lengths, src)
     if steps == 0:
-        return _empty_results(batch)
+        return [[] for _ in range(batch)]
 
     memory = net.encode(src, src_lengths)
     out = torch.full((batch, steps), eos_id, dtype=torch.long, device=device)
@@ -169,14 +161,10 @@ def beam_search(
     A done sentence's rows are still stepped with the batch but can no longer add hypotheses.
     """
     _check_beam_size(beam_size, getattr(net, "tgt_vocab_size", None))
-    batch = src.size(0)
-    if batch == 0:
-        return []
-    device = src.device
-    limits = _generation_limits(net, max_lengths, batch, device)
-    steps = int(limits.max())
+    batch, device = src.size(0), src.device
+    limits, steps = _generation_limits(net, max_lengths, src)
     if steps == 0:
-        return _empty_results(batch)
+        return [[] for _ in range(batch)]
 
     k = beam_size
     neg_inf = float("-inf")

@@ -17,13 +17,14 @@ from torch import nn
 
 from lmlab.errors import TokenizerError
 from lmlab.generation import generate
+from lmlab.registry import register_name
 from lmlab.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
-#: the dotted path by which checkpoints name the language-model task
-TASK = "lmlab.tasks.lm.LanguageModelingTask"
+#: the dotted path by which checkpoints name the language-model task (allowed without importing it)
+TASK = register_name("lmlab.tasks.lm.LanguageModelingTask", "task")
 #: the data module the task reads
-DATA_MODULE = "lmlab.data.lm.LMDataModule"
+DATA_MODULE = register_name("lmlab.data.lm.LMDataModule", "data")
 #: the ``data_info`` keys the task builds its network from
 NETWORK_INPUTS = ("vocab_size", "block_size")
 #: the keywords the task's constructor takes: a checkpoint's hyperparameters are some of these

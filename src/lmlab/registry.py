@@ -31,6 +31,7 @@ KINDS = {
 }
 
 _registered: dict[str, list[Any]] = {kind: [] for kind in KINDS}
+_named: dict[str, str] = {}
 _plugins_loaded = False
 
 
@@ -47,6 +48,24 @@ def register(kind: str) -> Callable[[T], T]:
     return add
 
 
+def register_name(target: str, kind: str) -> str:
+    """Allow the class at the dotted path ``target`` as a ``kind`` without importing it, and return the path.
+
+    For lmlab's own registered classes whose modules are slow to import (they import Lightning) while a
+    fast path reads their checkpoints (``lmlab-generate``); the class registers itself with :func:`register`
+    too, and a test checks the two agree.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown registry kind {kind!r}; one of {', '.join(KINDS)}")
+    _named[target] = kind
+    return target
+
+
+def registered(kind: str) -> tuple[Any, ...]:
+    """The objects registered (by :func:`register`, on import) as a ``kind``."""
+    return tuple(_registered[kind])
+
+
 def describe(kind: str | None) -> str:
     """A kind as a user reads it (``None``: any kind)."""
     if kind is None:
@@ -58,10 +77,12 @@ def is_allowed(target: str, kind: str | None = None) -> bool:
     """Whether ``target`` (a dotted path) names an allowed object of ``kind`` (``None``: of any kind).
 
     Only lmlab's own modules and modules already imported are looked into: a path into any other
-    module is refused without importing it.
+    module is refused without importing it; a path given to :func:`register_name` needs no import.
     """
     if not isinstance(target, str) or not target or any(part.startswith("_") for part in target.split(".")):
         return False
+    if target in _named and kind in (None, _named[target]):
+        return True
     _load_plugins()
     obj = _resolve(target)
     if obj is None:

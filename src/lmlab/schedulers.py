@@ -7,12 +7,16 @@ multiplier objects, so their state in a checkpoint is plain numbers.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-DECAYS = ("cosine", "linear", "inverse_sqrt", "constant")
+from lmlab.errors import ConfigError
+
+#: ``scheduler.decay``: what follows the warmup
+Decay = Literal["cosine", "linear", "inverse_sqrt", "constant"]
+DECAYS: tuple[str, ...] = get_args(Decay)
 
 
 class WarmupThenDecay:
@@ -20,9 +24,9 @@ class WarmupThenDecay:
     ``inverse_sqrt`` decay (``sqrt(warmup_steps / step)``, the Transformer schedule of Vaswani et al.,
     floored at ``min_lr_ratio``), or ``constant``."""
 
-    def __init__(self, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> None:
+    def __init__(self, warmup_steps: int, total_steps: int, decay: Decay, min_lr_ratio: float) -> None:
         if decay not in DECAYS:
-            raise ValueError(f"scheduler.decay must be one of {', '.join(DECAYS)}, got {decay!r}")
+            raise ConfigError(f"scheduler.decay must be one of {', '.join(DECAYS)}, got {decay!r}.")
         self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
         self.decay, self.min_lr_ratio = decay, min_lr_ratio
 
@@ -42,7 +46,7 @@ class WarmupThenDecay:
 def warmup_decay(
     optimizer: Optimizer,
     total_steps: int,
-    decay: str = "cosine",
+    decay: Decay = "cosine",
     warmup_steps: int = 0,
     min_lr_ratio: float = 0.1,
     decay_steps: int | None = None,

@@ -234,12 +234,29 @@ def _ranges_of(target: Any) -> dict[str, Range]:
 
 
 def _hints(target: Any) -> dict[str, Any]:
-    """Parameter annotations of ``target`` that resolve (others are not checked)."""
+    """Parameter annotations of ``target`` that resolve (others are not checked), the fields of a
+    ``**kwargs: Unpack[SomeTypedDict]`` among them."""
     fn = target.__init__ if inspect.isclass(target) else target
     try:
-        return typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn)
     except Exception:  # annotations naming what cannot be resolved here: leave the types unchecked
         return {}
+    return {**hints, **(typed_keywords(fn) or {})}
+
+
+def typed_keywords(fn: Any) -> dict[str, Any] | None:
+    """The keywords and types that ``fn``'s ``**kwargs: Unpack[SomeTypedDict]`` declares (PEP 692), ``None``
+    when its ``**kwargs`` (if any) are not so typed."""
+    var_keyword = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.VAR_KEYWORD]
+    if not var_keyword:
+        return None
+    try:
+        hint = typing.get_type_hints(fn).get(var_keyword[0])
+    except Exception:  # unresolvable annotations: untyped, as if absent
+        return None
+    if typing.get_origin(hint) is not typing.Unpack:
+        return None
+    return typing.get_type_hints(typing.get_args(hint)[0])
 
 
 def _options(hint: Any) -> list[Any]:

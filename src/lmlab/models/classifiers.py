@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +15,10 @@ from lmlab.errors import ConfigError
 from lmlab.models.base import ClassifierNetwork
 from lmlab.models.choices import choice
 from lmlab.models.embeddings import embedding_settings, make_embedding
-from lmlab.models.positions import sinusoidal_positions
+from lmlab.models.positions import Position, sinusoidal_positions
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import RecurrentEncoder
-from lmlab.models.transformer import Block, BlockSpec
+from lmlab.models.transformer import Block, BlockSpec, PartChoices
 from lmlab.registry import register
 
 
@@ -131,33 +131,16 @@ class TransformerClassifier(ClassifierNetwork):
         n_layer: int = 2,
         n_head: int = 4,
         n_embd: int = 128,
-        positions: str = "learned",
+        positions: Position = "learned",
         pooling: str = "cls",
         dropout: float = 0.1,
         bias: bool = True,
-        norm: str = "layernorm",
-        norm_eps: float = 1e-5,
-        mlp: str = "gelu",
-        mlp_hidden: int | None = None,
-        mlp_multiple_of: int = 256,
-        n_kv_head: int | None = None,
         rope_theta: float = 10000.0,
+        **parts: Unpack[PartChoices],
     ) -> None:
         super().__init__()
         spec = BlockSpec.positioned(
-            positions,
-            rope_theta,
-            "model.positions",
-            n_embd=n_embd,
-            n_head=n_head,
-            dropout=dropout,
-            bias=bias,
-            norm=norm,
-            norm_eps=norm_eps,
-            mlp=mlp,
-            mlp_hidden=mlp_hidden,
-            mlp_multiple_of=mlp_multiple_of,
-            n_kv_head=n_kv_head,
+            positions, rope_theta, "model.positions", n_embd=n_embd, n_head=n_head, dropout=dropout, bias=bias, **parts
         )
         self.pooling = choice("model.pooling", pooling, ("cls", "mean"))
         self.max_length = max_length

@@ -5,14 +5,15 @@ decoders are the same class."""
 from __future__ import annotations
 
 import math
+from typing import Unpack
 
 import torch
 from torch import nn
 
 from lmlab.models.attention import KV
 from lmlab.models.base import LanguageModelNetwork
-from lmlab.models.positions import sinusoidal_positions
-from lmlab.models.transformer import Block, BlockSpec, init_residual_outputs, init_weights
+from lmlab.models.positions import Position, sinusoidal_positions
+from lmlab.models.transformer import Block, BlockSpec, PartChoices, init_residual_outputs, init_weights
 from lmlab.registry import register
 
 KVCache = list[KV]
@@ -36,29 +37,13 @@ class GPT(LanguageModelNetwork):
         dropout: float = 0.0,
         bias: bool = True,
         tie_weights: bool = True,
-        norm: str = "layernorm",
-        norm_eps: float = 1e-5,
-        mlp: str = "gelu",
-        mlp_hidden: int | None = None,
-        mlp_multiple_of: int = 256,
-        position: str = "learned",
-        n_kv_head: int | None = None,
+        position: Position = "learned",
         rope_theta: float = 10000.0,
+        **parts: Unpack[PartChoices],
     ) -> None:
         super().__init__()
         spec = BlockSpec.positioned(
-            position,
-            rope_theta,
-            n_embd=n_embd,
-            n_head=n_head,
-            dropout=dropout,
-            bias=bias,
-            norm=norm,
-            norm_eps=norm_eps,
-            mlp=mlp,
-            mlp_hidden=mlp_hidden,
-            mlp_multiple_of=mlp_multiple_of,
-            n_kv_head=n_kv_head,
+            position, rope_theta, "model.position", n_embd=n_embd, n_head=n_head, dropout=dropout, bias=bias, **parts
         )
         self.position = position
         self.block_size = block_size

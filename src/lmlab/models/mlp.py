@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,9 @@ class SwiGLU(nn.Module):
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
 
 
-#: ``model.mlp``
-MLPS = {"gelu": GeluMLP, "swiglu": SwiGLU}
+#: ``model.mlp``: GPT-2's GELU MLP or Llama's gated SwiGLU
+MLPKind = Literal["gelu", "swiglu"]
+MLPS: dict[str, type[GeluMLP | SwiGLU]] = {"gelu": GeluMLP, "swiglu": SwiGLU}
 
 
 def mlp_hidden_size(kind: str, n_embd: int, hidden: int | None, multiple_of: int) -> int:

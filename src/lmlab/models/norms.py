@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from torch import nn
 
 #: ``model.norm``: LayerNorm (GPT-2, BERT) or RMSNorm (Llama: rescales without centering, no bias)
-NORMS = ("layernorm", "rmsnorm")
+Norm = Literal["layernorm", "rmsnorm"]
+NORMS: tuple[str, ...] = get_args(Norm)
 
 
 def make_norm(kind: str, dim: int, bias: bool, eps: float) -> nn.Module:

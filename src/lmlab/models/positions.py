@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 #: how a Transformer knows where each token is: learned vectors or the sinusoidal table added to the token
 #: vectors, or rotary (``rope``: queries and keys rotated inside self-attention)
-POSITIONS = ("learned", "sinusoidal", "rope")
+Position = Literal["learned", "sinusoidal", "rope"]
+POSITIONS: tuple[str, ...] = get_args(Position)
 
 
 def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:

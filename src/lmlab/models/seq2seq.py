@@ -4,7 +4,7 @@ with attention and a pre-LN Transformer trained from scratch, and pretrained Hug
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import nn
@@ -14,10 +14,10 @@ from lmlab.models.attention import KV
 from lmlab.models.base import Memory, Seq2SeqNetwork, State
 from lmlab.models.choices import choice
 from lmlab.models.classifiers import valid_mask
-from lmlab.models.positions import sinusoidal_positions
+from lmlab.models.positions import Position, sinusoidal_positions
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import CELLS, RecurrentEncoder
-from lmlab.models.transformer import Block, BlockSpec, DecoderBlock, init_residual_outputs, init_weights
+from lmlab.models.transformer import Block, BlockSpec, DecoderBlock, PartChoices, init_residual_outputs, init_weights
 from lmlab.registry import register
 
 
@@ -218,33 +218,16 @@ class TransformerSeq2Seq(Seq2SeqFromScratch):
         decoder_layers: int = 3,
         dropout: float = 0.1,
         bias: bool = True,
-        positions: str = "sinusoidal",
+        positions: Position = "sinusoidal",
         max_positions: int = 256,
         share_embeddings: bool = False,
         tie_output: bool = True,
         use_cache: bool = True,
-        norm: str = "layernorm",
-        norm_eps: float = 1e-5,
-        mlp: str = "gelu",
-        mlp_hidden: int | None = None,
-        mlp_multiple_of: int = 256,
-        n_kv_head: int | None = None,
         rope_theta: float = 10000.0,
+        **parts: Unpack[PartChoices],
     ) -> None:
         spec = BlockSpec.positioned(
-            positions,
-            rope_theta,
-            "model.positions",
-            n_embd=n_embd,
-            n_head=n_head,
-            dropout=dropout,
-            bias=bias,
-            norm=norm,
-            norm_eps=norm_eps,
-            mlp=mlp,
-            mlp_hidden=mlp_hidden,
-            mlp_multiple_of=mlp_multiple_of,
-            n_kv_head=n_kv_head,
+            positions, rope_theta, "model.positions", n_embd=n_embd, n_head=n_head, dropout=dropout, bias=bias, **parts
         )
         super().__init__(
             src_vocab_size, tgt_vocab_size, src_pad_id, tgt_pad_id, shared_vocabulary, n_embd, share_embeddings

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -21,11 +21,23 @@ from torch import nn
 from lmlab.errors import ConfigError
 from lmlab.models.attention import KV, CrossAttention, SelfAttention
 from lmlab.models.choices import choice
-from lmlab.models.mlp import MLPS, mlp_hidden_size
-from lmlab.models.norms import NORMS, make_norm
+from lmlab.models.mlp import MLPS, MLPKind, mlp_hidden_size
+from lmlab.models.norms import NORMS, Norm, make_norm
 from lmlab.models.positions import POSITIONS, RotaryEmbedding
 
 INIT_STD = 0.02  # GPT-2's
+
+
+class PartChoices(TypedDict, total=False):
+    """The part settings every lmlab Transformer takes as keywords (``model.norm=rmsnorm``), typed for the
+    config check; one left out keeps :class:`BlockSpec`'s default."""
+
+    norm: Norm
+    norm_eps: float
+    mlp: MLPKind
+    mlp_hidden: int | None
+    mlp_multiple_of: int
+    n_kv_head: int | None
 
 
 @dataclass(frozen=True)
@@ -39,9 +51,9 @@ class BlockSpec:
     n_head: int
     dropout: float
     bias: bool
-    norm: str = "layernorm"
+    norm: Norm = "layernorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"
+    mlp: MLPKind = "gelu"
     mlp_hidden: int | None = None
     mlp_multiple_of: int = 256
     n_kv_head: int | None = None
@@ -50,13 +62,24 @@ class BlockSpec:
 
     @classmethod
     def positioned(
-        cls, position: str, rope_theta: float, position_key: str = "model.position", **parts: Any
+        cls,
+        position: str,
+        rope_theta: float,
+        position_key: str,
+        /,
+        *,
+        n_embd: int,
+        n_head: int,
+        dropout: float,
+        bias: bool,
+        **parts: Any,
     ) -> BlockSpec:
         """The spec of a network whose ``position_key`` setting is ``position``, one of :data:`POSITIONS`:
         ``rope`` rotates queries and keys by ``rope_theta``; learned and sinusoidal positions leave attention
-        unrotated, for the network to add to its token vectors. ``parts``: the other fields."""
+        unrotated, for the network to add to its token vectors. ``parts``: the network's :class:`PartChoices`."""
         choice(position_key, position, POSITIONS)
-        return cls(**parts, rope_theta=rope_theta if position == "rope" else None, position_key=position_key)
+        rotary = rope_theta if position == "rope" else None
+        return cls(n_embd, n_head, dropout, bias, **parts, rope_theta=rotary, position_key=position_key)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
