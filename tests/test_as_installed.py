@@ -94,15 +94,9 @@ def test_run_shorter_than_the_validation_interval_still_reports_its_metric(comma
 
 # -- each search preset works with every model of its task -------------------------------------------------
 def _task_models(task: str) -> list[str]:
-    from test_config import _is_classifier, _is_seq2seq
+    from test_config import model_task
 
-    models = []
-    for option in group_options("model"):
-        model = OmegaConf.load(Path(config_dir()) / "model" / f"{option}.yaml")
-        kind = "translation" if _is_seq2seq(model) else "classification" if _is_classifier(model) else "lm"
-        if kind == task:
-            models.append(option)
-    return models
+    return [option for option in group_options("model") if model_task(option) == task]
 
 
 PRESETS = [

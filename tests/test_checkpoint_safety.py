@@ -16,7 +16,7 @@ from typing import Any
 import hydra
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from conftest import FAST, Command, compose_cfg, script
 from lmlab.checkpoint import average_checkpoints, load_task, read_checkpoint, verify_checkpoint
@@ -27,7 +27,7 @@ from lmlab.predict import predict
 from lmlab.tokenizers import tokenizer_from_state
 from lmlab.train import build_task, train
 from lmlab.translate import translate
-from test_config import DATA_INFO, _check_network_output, _is_classifier, _is_seq2seq, _local_encoder, group_options
+from test_config import DATA_INFO, _check_network_output, _local_encoder, group_options, model_task
 
 REPO = Path(__file__).resolve().parents[1]
 REFUSAL = "Refusing to load"
@@ -290,14 +290,9 @@ def test_legitimate_checkpoint_passes_and_loads(legit: dict[str, Any]) -> None:
 
 
 # -- a legitimate checkpoint of every model loads and gives the same outputs --------------------------
-def _model_task(option: str) -> str:
-    model = OmegaConf.load(REPO / "conf" / "model" / f"{option}.yaml")
-    return "translation" if _is_seq2seq(model) else "classification" if _is_classifier(model) else "lm"
-
-
 @pytest.mark.parametrize("option", group_options("model"))
 def test_checkpoint_of_every_model_loads_with_the_same_outputs(option: str, tmp_path: Path) -> None:
-    cfg = compose_cfg(tmp_path, [f"task={_model_task(option)}", f"model={option}"])
+    cfg = compose_cfg(tmp_path, [f"task={model_task(option)}", f"model={option}"])
     with open_dict(cfg):
         cfg.model = _local_encoder(cfg.model)
     tokenizer = tokenizer_from_state({"kind": "char", "chars": list("abcdefghijkl "), "unk": True})

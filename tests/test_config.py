@@ -36,6 +36,7 @@ from lmlab.config import (
     check_task_model,
     config_dir,
     data_options,
+    group_targets,
     is_base,
     locate,
     task_models,
@@ -122,6 +123,13 @@ def _is_classifier(model: DictConfig) -> bool:
 
 def _is_seq2seq(model: DictConfig) -> bool:
     return issubclass(locate(model._target_), Seq2SeqNetwork)
+
+
+def model_task(option: str) -> str:
+    """The task a ``model`` option's network is for, by its base class (the option's own ``_target_`` or its
+    parent's, as ``model=llama`` is ``model=gpt``'s)."""
+    model = OmegaConf.create({"_target_": group_targets("model")[option]})
+    return "translation" if _is_seq2seq(model) else "classification" if _is_classifier(model) else "lm"
 
 
 def _local_encoder(model: DictConfig) -> DictConfig:
@@ -700,8 +708,7 @@ def test_debug_preset_runs(
 def test_every_model_option_is_listed_by_the_task_it_builds_for() -> None:
     listed = task_models()
     for option in group_options("model"):
-        model = OmegaConf.load(Path(config_dir()) / "model" / f"{option}.yaml")
-        kind = "translation" if _is_seq2seq(model) else "classification" if _is_classifier(model) else "lm"
+        kind = model_task(option)
         owners = [task for task, models in listed.items() if option in models]
         assert owners == [kind], f"model={option} builds a {kind} network but is listed by {owners}"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmlab.config import accepted_keys, config_dir, locate, task_models, validate_config
+from lmlab.config import accepted_keys, config_dir, group_targets, locate, task_models, validate_config
 from lmlab.data.info import LMDataInfo
 from lmlab.errors import ConfigError
 from lmlab.models.base import LanguageModelNetwork
@@ -20,7 +20,7 @@ def test_every_model_a_task_lists_is_a_network_of_its_kind(task: str) -> None:
     task_cfg = OmegaConf.load(Path(config_dir()) / "task" / f"{task}.yaml")
     wanted = locate(locate(task_cfg.task.module._target_).network)
     for option in task_models()[task]:
-        target = OmegaConf.load(Path(config_dir()) / "model" / f"{option}.yaml")._target_
+        target = group_targets("model")[option]
         assert issubclass(locate(target), wanted), f"model={option} ({target}) is not a {wanted.__name__}"
 
 
@@ -49,7 +49,7 @@ def test_every_network_input_of_a_task_is_a_field_of_its_datas_info_and_every_mo
     required = locate(task_cls.network).required_inputs
     assert set(required) <= set(task_cls.network_inputs), "the task hands every network what it requires"
     for option in task_models()[task]:
-        accepted = accepted_keys(locate(OmegaConf.load(Path(config_dir()) / "model" / f"{option}.yaml")._target_))
+        accepted = accepted_keys(locate(group_targets("model")[option]))
         assert accepted is None or set(required) <= accepted, f"model={option} takes {required}"
 
 

@@ -156,12 +156,18 @@ def task_models(config_sources: Any = None) -> dict[str, list[str]]:
 def data_options() -> dict[str, str]:
     """Each ``data`` option of the run's search path (lmlab's ``conf/data`` and a plugin's) and the
     ``_target_`` it builds, following its defaults list."""
+    return group_targets("data")
+
+
+def group_targets(group: str) -> dict[str, str]:
+    """Each option of ``group`` on the run's search path and the ``_target_`` it builds: its own, or that of
+    the first config its defaults list names (``model=llama`` is ``model=gpt`` with other parts)."""
     from hydra.core.default_element import ConfigDefault
 
     repo = _config_repository()
 
     def target_of(name: str) -> str | None:
-        loaded = repo.load_config(f"data/{name}")
+        loaded = repo.load_config(f"{group}/{name}")
         if loaded is None:
             return None
         if "_target_" in loaded.config:
@@ -169,7 +175,7 @@ def data_options() -> dict[str, str]:
         parents = [d.path for d in loaded.defaults_list if isinstance(d, ConfigDefault) and not d.is_self()]
         return target_of(str(parents[0])) if parents else None
 
-    return {name: target for name in repo.get_group_options("data") if (target := target_of(name))}
+    return {name: target for name in repo.get_group_options(group) if (target := target_of(name))}
 
 
 def _config_repository(config_sources: Any = None) -> ConfigRepository:

@@ -33,6 +33,10 @@ class CheckpointMismatchError(LmlabError):
     """A checkpoint does not match the model or tokenizer the config asks for."""
 
 
+class ExportError(LmlabError):
+    """A checkpoint has no equivalent in the export format, or its export does not reproduce it."""
+
+
 class NonFiniteLossError(LmlabError):
     """Training produced a NaN or infinite loss."""
 

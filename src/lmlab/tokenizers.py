@@ -11,7 +11,6 @@ import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -383,11 +382,3 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
         source = tokenizer_from_state(state["source"])
         return TokenizerPair(source, tokenizer_from_state(state["target"]) if state["target"] else None)
     raise TokenizerError(f"Unknown tokenizer kind {kind!r} in saved state.")
-
-
-def vocabulary_coverage(tokenizer: Tokenizer, ids: Sequence[int]) -> float:
-    """Fraction of ids that are not the unknown token (1.0 for tokenizers without one)."""
-    unk = getattr(tokenizer, "unk_id", None)
-    if unk is None or not ids:
-        return 1.0
-    return 1.0 - Counter(ids)[unk] / len(ids)

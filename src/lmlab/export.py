@@ -1,0 +1,379 @@
+"""``lmlab-export ckpt_path=... out=DIR``: a language model's checkpoint as a Hugging Face folder.
+
+``transformers`` loads the folder with ``AutoModelForCausalLM.from_pretrained(DIR)`` and
+``AutoTokenizer.from_pretrained(DIR)``: safetensors weights, the architecture's config, the generation
+config, the tokenizer files and a model card (``README.md``) that records the training config, the data,
+the metrics and the command of the run.
+
+lmlab's GPT maps onto two architectures, by its part choices: LayerNorm, GELU MLP and learned positions
+are GPT-2's (``GPT2LMHeadModel``); RMSNorm, SwiGLU and rotary positions are Llama's (``LlamaForCausalLM``,
+grouped-query attention included). Other combinations, and the recurrent models, have no equivalent and
+are refused with what would map. The export checks itself: the exported model's logits must equal lmlab's
+on the same ids (``check_atol``), and the exported tokenizer must give lmlab's ids, before the folder is
+left in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lmlab.checkpoint import load_language_model
+from lmlab.config import validate_config
+from lmlab.errors import ConfigError, ExportError
+from lmlab.models.gpt import GPT
+from lmlab.models.mlp import SwiGLU
+from lmlab.runtime import user_errors
+from lmlab.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
+
+log = logging.getLogger("lmlab")
+
+#: the part choices of GPT that each Hugging Face architecture has
+FAMILIES = {
+    "gpt2": {"norm": "layernorm", "mlp": "gelu", "position": "learned"},
+    "llama": {"norm": "rmsnorm", "mlp": "swiglu", "position": "rope"},
+}
+
+
+def gpt_choices(net: GPT) -> dict[str, Any]:
+    """The part choices ``net`` was built with, read from its modules (so a network built in code exports too)."""
+    block = net.blocks[0]
+    attn = block.attn
+    return {
+        "norm": "rmsnorm" if isinstance(net.ln_f, nn.RMSNorm) else "layernorm",
+        "mlp": "swiglu" if isinstance(block.mlp, SwiGLU) else "gelu",
+        "position": net.position,
+        "n_layer": len(net.blocks),
+        "n_head": attn.n_head,
+        "n_kv_head": attn.n_kv_head,
+        "n_embd": net.wte.embedding_dim,
+        "vocab_size": net.wte.num_embeddings,
+        "mlp_hidden": block.mlp.output.in_features,
+        "bias": attn.proj.bias is not None,
+        "norm_eps": net.ln_f.eps,
+        "tie_weights": net.lm_head.weight is net.wte.weight,
+        "rope_theta": attn.rotary.theta if attn.rotary is not None else None,
+    }
+
+
+def family_of(net: nn.Module) -> str:
+    """The Hugging Face architecture ``net`` maps onto; an :class:`ExportError` saying what maps if none."""
+    if not isinstance(net, GPT):
+        raise ExportError(
+            f"{type(net).__name__} has no Hugging Face causal-LM equivalent: lmlab-export writes model=gpt "
+            "(GPT-2's or Llama's parts) and model=llama checkpoints."
+        )
+    choices = gpt_choices(net)
+    for family, parts in FAMILIES.items():
+        if all(choices[key] == value for key, value in parts.items()):
+            return family
+
+    def spelled(parts: Mapping[str, Any]) -> str:
+        return " ".join(f"model.{key}={value}" for key, value in parts.items())
+
+    names = {"gpt2": "GPT-2", "llama": "Llama"}
+    maps = "; ".join(f"{names[family]}: {spelled(parts)}" for family, parts in FAMILIES.items())
+    given = spelled({key: choices[key] for key in FAMILIES["gpt2"]})
+    raise ExportError(
+        f"This GPT's parts ({given}) are no Hugging Face architecture's ({maps}). Train with one of these to export."
+    )
+
+
+def _special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
+    eos = getattr(tokenizer, "eos_id", None)
+    return {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": getattr(tokenizer, "pad_id", None)}
+
+
+def hf_config(net: GPT, tokenizer: Tokenizer | None) -> Any:
+    """The ``transformers`` config of ``net``'s architecture, with ``net``'s sizes and special token ids."""
+    from transformers import GPT2Config, LlamaConfig
+
+    c = gpt_choices(net)
+    common = {"vocab_size": c["vocab_size"], "tie_word_embeddings": c["tie_weights"], **_special_ids(tokenizer)}
+    if family_of(net) == "gpt2":
+        return GPT2Config(
+            n_positions=net.block_size,
+            n_embd=c["n_embd"],
+            n_layer=c["n_layer"],
+            n_head=c["n_head"],
+            n_inner=c["mlp_hidden"],
+            activation_function="gelu",  # exact GELU, as torch's F.gelu (GPT-2's own is the tanh approximation)
+            layer_norm_epsilon=c["norm_eps"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
+    return LlamaConfig(
+        hidden_size=c["n_embd"],
+        intermediate_size=c["mlp_hidden"],
+        num_hidden_layers=c["n_layer"],
+        num_attention_heads=c["n_head"],
+        num_key_value_heads=c["n_kv_head"],
+        head_dim=c["n_embd"] // c["n_head"],
+        max_position_embeddings=net.block_size,
+        rms_norm_eps=c["norm_eps"],
+        rope_theta=c["rope_theta"],
+        attention_bias=c["bias"],
+        mlp_bias=c["bias"],
+        hidden_act="silu",
+        **common,
+    )
+
+
+def hf_state_dict(net: GPT) -> dict[str, torch.Tensor]:
+    """``net``'s weights under the names (and, for GPT-2's ``Conv1D`` layers, the layout) of its architecture;
+    a part without bias (``model.bias=false``) gets zeros where GPT-2 always has one."""
+    family = family_of(net)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, tensor: torch.Tensor | None, like: torch.Tensor | None = None) -> None:
+        if tensor is None and like is not None:
+            tensor = torch.zeros(like.size(0) if like.dim() > 1 else like.numel(), dtype=like.dtype)
+        if tensor is not None:
+            out[name] = tensor.detach().clone().contiguous()
+
+    if family == "gpt2":
+        put("transformer.wte.weight", net.wte.weight)
+        put("transformer.wpe.weight", net.wpe.weight)
+        for i, block in enumerate(net.blocks):
+            p = f"transformer.h.{i}."
+            for ours, theirs in ((block.ln_1, "ln_1"), (block.ln_2, "ln_2")):
+                put(p + theirs + ".weight", ours.weight)
+                put(p + theirs + ".bias", ours.bias, ours.weight)
+            for linear, theirs in (
+                (block.attn.qkv, "attn.c_attn"),
+                (block.attn.proj, "attn.c_proj"),
+                (block.mlp.fc, "mlp.c_fc"),
+                (block.mlp.proj, "mlp.c_proj"),
+            ):
+                put(p + theirs + ".weight", linear.weight.t())
+                put(p + theirs + ".bias", linear.bias, linear.weight)
+        put("transformer.ln_f.weight", net.ln_f.weight)
+        put("transformer.ln_f.bias", net.ln_f.bias, net.ln_f.weight)
+    else:
+        put("model.embed_tokens.weight", net.wte.weight)
+        for i, block in enumerate(net.blocks):
+            p = f"model.layers.{i}."
+            put(p + "input_layernorm.weight", block.ln_1.weight)
+            put(p + "post_attention_layernorm.weight", block.ln_2.weight)
+            attn = block.attn
+            for part, theirs in zip(attn.qkv.weight.split(attn.sizes), ("q_proj", "k_proj", "v_proj"), strict=True):
+                put(p + f"self_attn.{theirs}.weight", part)
+            if attn.qkv.bias is not None:
+                for part, theirs in zip(attn.qkv.bias.split(attn.sizes), ("q_proj", "k_proj", "v_proj"), strict=True):
+                    put(p + f"self_attn.{theirs}.bias", part)
+            put(p + "self_attn.o_proj.weight", attn.proj.weight)
+            put(p + "self_attn.o_proj.bias", attn.proj.bias)
+            for ours, theirs in (
+                (block.mlp.gate, "gate_proj"),
+                (block.mlp.up, "up_proj"),
+                (block.mlp.down, "down_proj"),
+            ):
+                put(p + f"mlp.{theirs}.weight", ours.weight)
+                put(p + f"mlp.{theirs}.bias", ours.bias)
+        put("model.norm.weight", net.ln_f.weight)
+    put("lm_head.weight", net.lm_head.weight)
+    return out
+
+
+def hf_backend(tokenizer: Tokenizer) -> Any:
+    """A Hugging Face ``tokenizers`` backend that gives ``tokenizer``'s ids: the tokenizer's own for word,
+    BPE and pretrained tokenizers; for characters, one vocabulary entry per character, each character its
+    own piece, and the unknown symbol for characters outside the vocabulary."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFBackend
+
+    if isinstance(tokenizer, HFTokenizer):
+        return HFBackend.from_str(tokenizer.backend.to_str())
+    if isinstance(tokenizer, CharTokenizer):
+        unk = CharTokenizer.UNK if tokenizer.unk else None
+        backend = HFBackend(models.WordLevel(vocab=dict(tokenizer.stoi), unk_token=unk))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        return backend
+    raise ExportError(f"A {type(tokenizer).__name__} has no Hugging Face tokenizer equivalent.")
+
+
+def _tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
+    specials = {
+        "eos_token": getattr(tokenizer, "eos_token", None),
+        "pad_token": getattr(tokenizer, "pad_token", None),
+        "unk_token": getattr(tokenizer, "unk_token", None)
+        or (CharTokenizer.UNK if getattr(tokenizer, "unk", False) else None),
+    }
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": block_size,
+        "clean_up_tokenization_spaces": False,
+        **{k: v for k, v in specials.items() if v is not None},
+    }
+
+
+def write_tokenizer(tokenizer: Tokenizer, out: Path, block_size: int) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` for ``AutoTokenizer.from_pretrained(out)``."""
+    hf_backend(tokenizer).save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer, block_size), indent=2))
+
+
+def sample_text(tokenizer: Tokenizer, n: int) -> str:
+    """Text that reaches the first ``n`` vocabulary entries, for checking an exported tokenizer."""
+    if isinstance(tokenizer, CharTokenizer):
+        return "".join(tokenizer.chars[:n]) + " a\nb"
+    return tokenizer.decode(list(range(min(n, tokenizer.vocab_size))))
+
+
+def model_card(ckpt_path: Path, family: str, run_config: Mapping[str, Any], check: Mapping[str, Any]) -> str:
+    """``README.md`` of the folder: how to load it, and the run's command, metrics, data and config (from
+    the run folder's ``metrics.json`` when the checkpoint is still in it)."""
+    import yaml
+
+    metrics_file = ckpt_path.parent.parent / "metrics.json"
+    record = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    overrides = record.get("overrides")
+    command = (
+        "lmlab-train " + " ".join(overrides)
+        if overrides is not None
+        else "(not recorded: no metrics.json beside the run)"
+    )
+    metrics = record.get("metrics") or {}
+    data = (run_config.get("data") or {}).get("source", run_config.get("data"))
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [lmlab, text-generation]",
+        "---",
+        f"# {family} language model trained with lmlab",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("<this folder>")',
+        'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+        "```",
+        "",
+        f"Exported from `{ckpt_path.name}` by `lmlab-export`; on the same ids the exported model's logits differ "
+        f"from lmlab's by at most {check['max_abs_diff']:.2e} (float32), and the tokenizer gives lmlab's ids.",
+        "",
+        "## Command",
+        "",
+        f"`{command}`",
+        "",
+        "## Metrics",
+        "",
+        *(
+            [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, int | float)]
+            or ["(not recorded)"]
+        ),
+        "",
+        "## Data",
+        "",
+        "```yaml",
+        yaml.safe_dump(data, sort_keys=False).rstrip() if data else "(not recorded)",
+        "```",
+        "",
+        "## Training config",
+        "",
+        "```yaml",
+        yaml.safe_dump(dict(run_config), sort_keys=False).rstrip() if run_config else "(not recorded)",
+        "```",
+        "",
+    ]
+    if metrics:
+        lines.insert(lines.index("## Metrics") + 2, "| metric | value |\n|---|---|")
+    return "\n".join(lines)
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write ``cfg.ckpt_path``'s language model as a Hugging Face folder at ``cfg.out``, checked against lmlab."""
+    validate_config(cfg, schema=None)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError("lmlab-export needs transformers: pip install transformers (or 'lmlab[hf]').") from None
+    ckpt_path, out = Path(cfg.ckpt_path).expanduser(), Path(cfg.out).expanduser()
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"out: '{out}' is not empty. Pick another folder, or set overwrite=true to replace it.")
+    model, run_config = load_language_model(ckpt_path)
+    net = getattr(model, "net", None)
+    if not hasattr(model, "generate_text") or net is None:
+        raise ExportError(f"'{ckpt_path}' is not a language model checkpoint; lmlab-export writes causal LMs.")
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ExportError(f"'{ckpt_path}' holds no tokenizer, so its folder could not encode text.")
+    family = family_of(net)
+
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(hf_config(net, tokenizer))
+    missing, unexpected = hf.load_state_dict(hf_state_dict(net), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ExportError(f"The {family} layout does not fit: missing {missing}, unexpected {unexpected}.")
+    # written beside ``out`` and moved there once checked: a failed export leaves no folder to mistake for one
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        hf.save_pretrained(staging, safe_serialization=True)
+        write_tokenizer(tokenizer, staging, net.block_size)
+        check = verify(net, tokenizer, staging, float(cfg.check_atol))
+        (staging / "README.md").write_text(model_card(ckpt_path, family, run_config, check))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    log.info("exported %s as %s (max |logit difference| %.2e)", ckpt_path, family, check["max_abs_diff"])
+    return out
+
+
+def verify(net: GPT, tokenizer: Tokenizer, folder: Path, atol: float) -> dict[str, Any]:
+    """Load ``folder`` as a user would and compare: the tokenizer's ids on a sample of the vocabulary, then
+    both models' float32 logits on those ids (at most a block); an :class:`ExportError` past ``atol``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = sample_text(tokenizer, 256)
+    ours = tokenizer.encode(text)
+    theirs = AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if theirs != ours:
+        first = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
+        )
+        raise ExportError(f"The exported tokenizer gives other ids than lmlab's (first difference at token {first}).")
+    ids = torch.tensor([ours[: net.block_size] or [0]])
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        expected = net.float()(ids)[0]
+        got = hf(ids).logits
+    net.train(was_training)
+    diff = float((expected - got).abs().max())
+    if not diff <= atol:
+        raise ExportError(
+            f"The exported model's logits differ from lmlab's by {diff:.3g} (check_atol={atol}): this transformers "
+            "version computes the architecture differently. Nothing was written."
+        )
+    return {"max_abs_diff": diff, "tokens": ids.size(1)}
+
+
+def run(cfg: DictConfig) -> None:
+    with user_errors():
+        out = export(cfg)
+    print(f"exported: {out}")
+    print(f'load it: AutoModelForCausalLM.from_pretrained("{out}"), AutoTokenizer.from_pretrained("{out}")')
+
+
+if __name__ == "__main__":
+    from lmlab.cli import export_model
+
+    export_model()

@@ -1,0 +1,183 @@
+"""lmlab-export: a language model's checkpoint as a Hugging Face folder that ``transformers`` loads.
+
+GPT-2's parts load as ``GPT2LMHeadModel`` and Llama's (``model=llama``) as ``LlamaForCausalLM``; on the same
+ids the exported logits equal lmlab's within 1e-4 in float32 and greedy generation picks the same tokens; the
+exported tokenizer gives lmlab's ids for char, word and BPE vocabularies; what has no equivalent is refused
+with what would map, and a failed export leaves no folder behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import FAST, Command, compose_cfg, script
+from lmlab.checkpoint import load_language_model
+from lmlab.errors import ConfigError, ExportError
+from lmlab.export import export
+from lmlab.generation import generate
+from lmlab.models.gpt import GPT
+from lmlab.train import train
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = ["model.n_embd=32", "model.n_head=4"]
+#: checkpoint name -> the overrides that train it (each a different architecture and tokenizer)
+RUNS = {
+    "gpt_char": ["model=gpt", "tokenizer=char", *SMALL],
+    "llama_bpe": ["model=llama", "tokenizer=bpe", "tokenizer.vocab_size=300", *SMALL, "model.n_kv_head=2"],
+    "gpt_word_untied": ["model=gpt", "tokenizer=word", *SMALL, "model.bias=false", "model.tie_weights=false"],
+    "llama_char_mqa": ["model=llama", "tokenizer=char", *SMALL, "model.n_kv_head=1", "model.tie_weights=false"],
+    "lstm": ["model=lstm", "tokenizer=char", "model.n_embd=16", "model.hidden_size=16"],
+    "gpt_rmsnorm_gelu": ["model=gpt", "tokenizer=char", *SMALL, "model.norm=rmsnorm"],
+}
+#: a prompt that leaves room in the 32-token context (FAST) for what the generation test adds
+#: the runs that export, and the architecture each loads as
+EXPORTABLE = {
+    "gpt_char": "GPT2LMHeadModel",
+    "llama_bpe": "LlamaForCausalLM",
+    "gpt_word_untied": "GPT2LMHeadModel",
+    "llama_char_mqa": "LlamaForCausalLM",
+}
+HELD_OUT = "the old cat sat on\nthe"
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each run of :data:`RUNS`, trained a few steps on a learnable text: its last checkpoint."""
+    root = tmp_path_factory.mktemp("export")
+    text = root / "learnable.txt"
+    lines = [f"the {a} cat sat on the {b} mat." for a in ("red", "big", "old") for b in ("blue", "flat")]
+    text.write_text("\n".join(lines * 60) + "\n", encoding="utf-8")
+    found = {}
+    for name, overrides in RUNS.items():
+        run_dir = root / name
+        data = ["data=text_files", f"data.source.train_files={text}", "data.source.test_fraction=0.1"]
+        train(compose_cfg(root, [*data, *FAST, *overrides], run_dir=run_dir))
+        found[name] = run_dir / "checkpoints" / "last.ckpt"
+    return found
+
+
+def _export(ckpt: Path, out: Path, *extra: str) -> Path:
+    return export(compose_cfg(out.parent, [f"ckpt_path={ckpt}", f"out={out}", *extra], config_name="export"))
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("exported")
+    return {name: _export(checkpoints[name], root / name) for name in EXPORTABLE}
+
+
+def _load(folder: Path) -> tuple[Any, Any]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", list(EXPORTABLE))
+def test_exported_model_gives_lmlabs_logits_and_tokens(
+    name: str, checkpoints: dict[str, Path], exported: dict[str, Path]
+) -> None:
+    ours, _ = load_language_model(checkpoints[name])
+    model, tokenizer = _load(exported[name])
+    assert type(model).__name__ == EXPORTABLE[name]
+    ids = tokenizer(HELD_OUT, add_special_tokens=False)["input_ids"]
+    assert ids == ours.tokenizer.encode(HELD_OUT)
+    batch = torch.tensor([ids])
+    with torch.no_grad():
+        expected, got = ours.net.eval()(batch)[0], model(batch).logits
+    assert (expected - got).abs().max() < 1e-4
+    assert expected.std() > 0.05, "logits that differ between tokens, so the bound means something"
+    # greedy generation through each library's own cache picks the same tokens
+    with torch.no_grad():
+        theirs = model.generate(
+            batch, attention_mask=torch.ones_like(batch), max_new_tokens=NEW_TOKENS, do_sample=False
+        )
+    assert torch.equal(generate(ours.net, batch, NEW_TOKENS, temperature=0.0), theirs)
+
+
+def test_folder_holds_safetensors_config_tokenizer_and_a_model_card(
+    checkpoints: dict[str, Path], exported: dict[str, Path]
+) -> None:
+    folder = exported["llama_bpe"]
+    for file in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
+        assert (folder / file).is_file(), file
+    assert not folder.with_name(folder.name + ".partial").exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_key_value_heads"] == 2 and config["num_attention_heads"] == 4
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["attention_bias"] is False
+    card = (folder / "README.md").read_text()
+    metrics = json.loads((checkpoints["llama_bpe"].parents[1] / "metrics.json").read_text())
+    assert "lmlab-train " in card and "model=llama" in card, "the command of the run"
+    assert f"| test/ppl | {metrics['metrics']['test/ppl']:.4f} |" in card
+    assert "_target_: lmlab.models.GPT" in card and "train_files:" in card, "the training config and data"
+    assert "AutoModelForCausalLM.from_pretrained" in card
+
+
+def test_eos_and_pad_ids_reach_the_configs(exported: dict[str, Path], checkpoints: dict[str, Path]) -> None:
+    ours, _ = load_language_model(checkpoints["llama_bpe"])
+    model, tokenizer = _load(exported["llama_bpe"])
+    assert model.config.eos_token_id == ours.tokenizer.eos_id == tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == ours.tokenizer.pad_id
+
+
+#: a checkpoint with no Hugging Face equivalent, what the refusal says, and what it says would export
+REFUSED = [
+    ("lstm", "RecurrentLM has no Hugging Face causal-LM equivalent", "model=gpt"),
+    ("gpt_rmsnorm_gelu", "(model.norm=rmsnorm model.mlp=gelu model.position=learned)", "Llama: model.norm=rmsnorm"),
+]
+
+
+@pytest.mark.parametrize(("name", "says", "fix"), REFUSED, ids=[r[0] for r in REFUSED])
+def test_what_has_no_equivalent_is_refused_with_what_maps(
+    name: str, says: str, fix: str, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    with pytest.raises(ExportError) as err:
+        _export(checkpoints[name], tmp_path / "out")
+    assert says in str(err.value) and fix in str(err.value), str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_check_leaves_no_folder(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="differ from lmlab's"):
+        _export(checkpoints["gpt_char"], tmp_path / "out", "check_atol=-1")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_non_empty_folder_needs_overwrite(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="overwrite=true"):
+        _export(checkpoints["gpt_char"], out)
+    assert (out / "notes.txt").read_text() == "mine"
+    _export(checkpoints["gpt_char"], out, "overwrite=true")
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+
+
+def test_a_network_built_in_code_maps_the_same_way() -> None:
+    from lmlab.export import family_of, hf_config, hf_state_dict
+
+    torch.manual_seed(0)
+    net = GPT(50, 16, n_layer=2, n_head=4, n_embd=32, norm="rmsnorm", mlp="swiglu", position="rope", bias=True)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # biases and norm weights away from their starts too
+    assert family_of(net) == "llama"
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(net, None)).eval()
+    model.load_state_dict(hf_state_dict(net), strict=True)
+    ids = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        assert (net.eval()(ids)[0] - model(ids).logits).abs().max() < 1e-4
+
+
+def test_lmlab_export_as_typed(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    done = Command([script("lmlab-export"), f"ckpt_path={checkpoints['gpt_char']}", "out=hf_model"], tmp_path, "ok")
+    refused = Command([script("lmlab-export"), f"ckpt_path={checkpoints['lstm']}", "out=x"], tmp_path, "no")
+    done.wait(), refused.wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"exported: {Path('hf_model')}" in done.stdout and (tmp_path / "hf_model" / "model.safetensors").is_file()
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "error: RecurrentLM has no Hugging Face causal-LM equivalent" in refused.stderr
