@@ -112,7 +112,7 @@ ROWS: dict[str, Row] = {
     "lmlab-generate ckpt_path=... \"prompt='def f(x): return x, \\'é\\''\"": Row(add="max_new_tokens=5"),
     "lmlab-generate ckpt_path=... prompt_file=prompt.txt": Row(add="max_new_tokens=5"),
     'echo "def f(x):" | lmlab-generate ckpt_path=... prompt_file=-': Row(add="max_new_tokens=5"),
-    # Llama-style decoders and Hugging Face export
+    # Llama-style decoders, pretrained causal LMs and Hugging Face export
     "lmlab-train model=llama model.n_kv_head=1 trainer.max_steps=1000": Row(add=STEPS),
     "lmlab-export ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt out=hf_llama": Row(),
     # Data

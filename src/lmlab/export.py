@@ -7,8 +7,9 @@ the metrics and the command of the run.
 
 lmlab's GPT maps onto two architectures, by its part choices: LayerNorm, GELU MLP and learned positions
 are GPT-2's (``GPT2LMHeadModel``); RMSNorm, SwiGLU and rotary positions are Llama's (``LlamaForCausalLM``,
-grouped-query attention included). Other combinations, and the recurrent models, have no equivalent and
-are refused with what would map. The export checks itself: the exported model's logits must equal lmlab's
+grouped-query attention included). A fine-tuned pretrained model (``model=hf_causal_lm``) is written as
+the architecture it is. Other combinations, and the recurrent models, have no equivalent and are refused
+with what would map. The export checks itself: the exported model's logits must equal lmlab's
 on the same ids (``check_atol``), and the exported tokenizer must give lmlab's ids, before the folder is
 left in place.
 """
@@ -30,6 +31,7 @@ from lmlab.checkpoint import load_language_model
 from lmlab.config import validate_config
 from lmlab.errors import ConfigError, ExportError
 from lmlab.models.gpt import GPT
+from lmlab.models.hf_causal_lm import PretrainedCausalLM
 from lmlab.models.mlp import SwiGLU
 from lmlab.runtime import user_errors
 from lmlab.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
@@ -69,7 +71,7 @@ def family_of(net: nn.Module) -> str:
     if not isinstance(net, GPT):
         raise ExportError(
             f"{type(net).__name__} has no Hugging Face causal-LM equivalent: lmlab-export writes model=gpt "
-            "(GPT-2's or Llama's parts) and model=llama checkpoints."
+            "(GPT-2's or Llama's parts), model=llama and model=hf_causal_lm checkpoints."
         )
     choices = gpt_choices(net)
     for family, parts in FAMILIES.items():
@@ -127,6 +129,22 @@ def hf_config(net: GPT, tokenizer: Tokenizer | None) -> Any:
         hidden_act="silu",
         **common,
     )
+
+
+def hf_model(net: nn.Module, tokenizer: Tokenizer | None) -> tuple[Any, str]:
+    """``net`` as a ``transformers`` model and its architecture's name: a fine-tuned pretrained model is one
+    already; lmlab's GPT is mapped onto GPT-2 or Llama."""
+    if isinstance(net, PretrainedCausalLM):
+        return net.model, str(net.model.config.model_type)
+    family = family_of(net)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(hf_config(net, tokenizer))
+    missing, unexpected = hf.load_state_dict(hf_state_dict(net), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ExportError(f"The {family} layout does not fit: missing {missing}, unexpected {unexpected}.")
+    return hf, family
 
 
 def hf_state_dict(net: GPT) -> dict[str, torch.Tensor]:
@@ -308,15 +326,7 @@ def export(cfg: DictConfig) -> Path:
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ExportError(f"'{ckpt_path}' holds no tokenizer, so its folder could not encode text.")
-    family = family_of(net)
-
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_config(hf_config(net, tokenizer))
-    missing, unexpected = hf.load_state_dict(hf_state_dict(net), strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ExportError(f"The {family} layout does not fit: missing {missing}, unexpected {unexpected}.")
+    hf, family = hf_model(net, tokenizer)
     # written beside ``out`` and moved there once checked: a failed export leaves no folder to mistake for one
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -336,7 +346,7 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
-def verify(net: GPT, tokenizer: Tokenizer, folder: Path, atol: float) -> dict[str, Any]:
+def verify(net: nn.Module, tokenizer: Tokenizer, folder: Path, atol: float) -> dict[str, Any]:
     """Load ``folder`` as a user would and compare: the tokenizer's ids on a sample of the vocabulary, then
     both models' float32 logits on those ids (at most a block); an :class:`ExportError` past ``atol``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -355,7 +365,7 @@ def verify(net: GPT, tokenizer: Tokenizer, folder: Path, atol: float) -> dict[st
     net.eval()
     with torch.no_grad():
         expected = net.float()(ids)[0]
-        got = hf(ids).logits
+        got = hf(ids).logits[..., : expected.size(-1)]  # a pretrained model's table may pad past the vocabulary
     net.train(was_training)
     diff = float((expected - got).abs().max())
     if not diff <= atol:

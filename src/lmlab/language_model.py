@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmlab.data.info import LMDataInfo
 from lmlab.errors import TokenizerError
 from lmlab.generation import generate
 from lmlab.registry import register_name
@@ -26,7 +27,7 @@ TASK = register_name("lmlab.tasks.lm.LanguageModelingTask", "task")
 #: the data module the task reads
 DATA_MODULE = register_name("lmlab.data.lm.LMDataModule", "data")
 #: the ``data_info`` keys the task builds its network from
-NETWORK_INPUTS = ("vocab_size", "block_size")
+NETWORK_INPUTS = ("vocab_size", "block_size", "eos_id")
 #: the keywords the task's constructor takes: a checkpoint's hyperparameters are some of these
 TASK_KEYWORDS = frozenset(
     {
@@ -66,7 +67,7 @@ class LanguageModel:
         """What a language-model task built from these hyperparameters, tokenizer and weights holds, built in
         the task's order (the tokenizer, then the network) so a bad checkpoint fails the same way."""
         tokenizer = tokenizer_from_state(tokenizer_state) if tokenizer_state else None
-        net = build_network(hyper["model"], hyper["data_info"], NETWORK_INPUTS)
+        net = build_network(hyper["model"], LMDataInfo.from_dict(hyper["data_info"]), NETWORK_INPUTS)
         _task_layout(net, bool(hyper.get("compile", False))).load_state_dict(state_dict)
         return cls(net, tokenizer)
 

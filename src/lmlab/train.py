@@ -197,6 +197,9 @@ def _fit_and_test(
             mark_slurm_run(cfg.paths.output_dir)
         _fit(cfg, trainer, task, datamodule, ckpt_path)
         metrics.update(_floats(trainer.callback_metrics))
+    elif datamodule.has_split("validation"):  # the model as it is (a pretrained one's baseline): its validation too
+        trainer.validate(task, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        metrics.update(_floats(trainer.callback_metrics))
     best = _best_checkpoint(trainer)
     if cfg.test:
         if not datamodule.has_split("test"):

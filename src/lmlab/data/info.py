@@ -67,6 +67,8 @@ class LMDataInfo(DataInfo):
     block_size: int
     #: a character tokenizer has none
     pad_id: int | None = None
+    #: the tokenizer's end-of-text token (none for characters), which a pretrained network checks is its own
+    eos_id: int | None = None
     #: characters per token of each split, for bits per character
     chars_per_token: dict[str, float] = field(default_factory=dict)
 

@@ -144,6 +144,7 @@ class LMDataModule(TaskDataModule):
         return LMDataInfo(
             vocab_size=self.tokenizer.vocab_size,
             pad_id=self.tokenizer.pad_id,
+            eos_id=self.tokenizer.eos_id,
             block_size=self.block_size,
             chars_per_token=self.chars_per_token(),
         )

@@ -11,6 +11,7 @@ A constructor's defaults are the values of its ``conf/model/*.yaml``, or absent 
 from lmlab.models.base import ClassifierNetwork, LanguageModelNetwork, Seq2SeqNetwork
 from lmlab.models.classifiers import BagOfNGrams, HFEncoderClassifier, RNNClassifier, TextCNN, TransformerClassifier
 from lmlab.models.gpt import GPT
+from lmlab.models.hf_causal_lm import PretrainedCausalLM
 from lmlab.models.rnn import RecurrentLM
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ClassifierNetwork",
     "HFEncoderClassifier",
     "LanguageModelNetwork",
+    "PretrainedCausalLM",
     "RNNClassifier",
     "RecurrentLM",
     "Seq2SeqNetwork",

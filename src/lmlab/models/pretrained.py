@@ -8,6 +8,7 @@ the weights come from the checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,16 @@ from lmlab.errors import ConfigError
 
 
 def load_pretrained_model(
-    auto_class: str, name_or_path: str, option: str, hf_config: dict[str, Any] | None = None
+    auto_class: str,
+    name_or_path: str,
+    option: str,
+    hf_config: dict[str, Any] | None = None,
+    dropout: float | None = None,
 ) -> nn.Module:
     """``transformers.<auto_class>.from_pretrained(name_or_path)``, or the bare architecture of ``hf_config``
     when a checkpoint supplies the weights; ``option`` names the config choice (``model=<option>``) in the
-    messages."""
+    messages. ``dropout`` replaces every dropout probability the model's config declares (GPT-2's
+    ``resid_pdrop`` and the like, Llama's ``attention_dropout``); ``None`` keeps the model's own."""
     try:
         import transformers
     except ImportError:
@@ -29,7 +35,7 @@ def load_pretrained_model(
             f"model={option} needs transformers: pip install transformers (or pip install 'lmlab[hf]')."
         ) from None
     if hf_config is not None:
-        config = transformers.AutoConfig.for_model(**hf_config)
+        config = transformers.AutoConfig.for_model(**_plain(hf_config))
         return getattr(transformers, auto_class).from_config(config, trust_remote_code=False).train()
     local = Path(name_or_path).expanduser()
     if not local.exists() and name_or_path.startswith((".", "/", "~")):
@@ -37,10 +43,10 @@ def load_pretrained_model(
             f"model.name_or_path: no folder at '{local}'. Point it at a folder saved with save_pretrained, "
             "or give a Hugging Face hub name."
         )
+    source = str(local) if local.exists() else name_or_path
     try:
-        model = getattr(transformers, auto_class).from_pretrained(
-            str(local) if local.exists() else name_or_path, trust_remote_code=False
-        )
+        changes = {} if dropout is None else dropout_settings(transformers.AutoConfig.from_pretrained(source), dropout)
+        model = getattr(transformers, auto_class).from_pretrained(source, trust_remote_code=False, **changes)
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())  # on one line
         if local.exists():
@@ -55,6 +61,25 @@ def load_pretrained_model(
     # from_pretrained leaves the model in eval mode, and Lightning keeps the modes it finds: fine-tuning
     # would run without the model's dropout
     return model.train()
+
+
+def dropout_settings(config: Any, dropout: float) -> dict[str, float]:
+    """Each dropout probability a Hugging Face config declares, set to ``dropout``."""
+    return {
+        key: dropout
+        for key, value in config.to_dict().items()
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop"))
+    }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain dicts and lists: a config read back through Hydra is a ``DictConfig``, which
+    ``transformers``' typed config fields (``rope_parameters``) refuse."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
 
 
 def saved_config(model: nn.Module) -> dict[str, Any]:
