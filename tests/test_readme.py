@@ -115,6 +115,9 @@ ROWS: dict[str, Row] = {
     # Llama-style decoders, pretrained causal LMs and Hugging Face export
     "lmlab-train model=llama model.n_kv_head=1 trainer.max_steps=1000": Row(add=STEPS),
     "lmlab-export ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt out=hf_llama": Row(),
+    'echo "What does the import statement do?" | lmlab-chat ckpt_path=... max_new_tokens=100': Row(
+        add="max_new_tokens=5"
+    ),
     # Data
     "lmlab-train data=text_files data.source.train_files='corpus/*.txt' data.source.val_fraction=0.1": Row(add=STEPS),
     "lmlab-train data=text_files data.source.train_files=train.jsonl data.source.val_files=valid.jsonl "

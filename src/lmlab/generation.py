@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -45,12 +47,14 @@ def generate(
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
     suppress_ids: list[int] | None = None,
+    on_token: Callable[[torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
     """Extend ``idx`` ``(B, T)`` by up to ``max_new_tokens``, reusing the model's cache or hidden state.
 
     For models with a context limit (``block_size``) the cache is rebuilt from the last
     ``block_size`` tokens once it is full. ``suppress_ids`` are never sampled (e.g. an unknown
-    symbol that training text never contained).
+    symbol that training text never contained). ``on_token`` sees each new token ``(B,)`` as it is chosen
+    (to stream it); returning False stops there.
     """
     block_size = getattr(model, "block_size", None)
     context = idx[:, -block_size:] if block_size else idx
@@ -62,6 +66,8 @@ def generate(
             last = last.index_fill(-1, torch.tensor(suppress_ids, device=last.device), float("-inf"))
         nxt = sample_next(last, temperature, top_k, top_p, generator)
         idx = torch.cat([idx, nxt[:, None]], dim=1)
+        if on_token is not None and not on_token(nxt):
+            break
         if eos_id is not None and bool((nxt == eos_id).all()) or step == max_new_tokens - 1:
             break
         if block_size and cached + 1 > block_size:

@@ -108,7 +108,7 @@ class LanguageModel:
                 top_p,
                 generator,
                 eos_id=self.tokenizer.eos_id if stop_at_eos else None,
-                suppress_ids=self._never_sampled(),
+                suppress_ids=self.never_sampled(),
             )
         finally:
             self.net.train(was_training)
@@ -127,7 +127,7 @@ class LanguageModel:
             return whole[len(prompt) :]
         return self.tokenizer.decode(ids[len(prompt_ids) :])
 
-    def _never_sampled(self) -> list[int]:
+    def never_sampled(self) -> list[int]:
         """The character vocabulary's unknown symbol: by construction absent from the training text."""
         unk = getattr(self.tokenizer, "unk_id", None)
         return [unk] if self.tokenizer is not None and self.tokenizer.kind == "char" and unk is not None else []
