@@ -32,6 +32,7 @@ from lmlab.config import validate_config
 from lmlab.errors import ConfigError, ExportError
 from lmlab.models.gpt import GPT
 from lmlab.models.hf_causal_lm import PretrainedCausalLM
+from lmlab.models.lora import merged
 from lmlab.models.mlp import SwiGLU
 from lmlab.runtime import user_errors
 from lmlab.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
@@ -135,7 +136,8 @@ def hf_model(net: nn.Module, tokenizer: Tokenizer | None) -> tuple[Any, str]:
     """``net`` as a ``transformers`` model and its architecture's name: a fine-tuned pretrained model is one
     already; lmlab's GPT is mapped onto GPT-2 or Llama."""
     if isinstance(net, PretrainedCausalLM):
-        return net.model, str(net.model.config.model_type)
+        hf = merged(net.model)  # LoRA adapters folded into the weights they adapt
+        return hf, str(hf.config.model_type)
     family = family_of(net)
     from transformers import AutoModelForCausalLM
 

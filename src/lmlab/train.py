@@ -23,6 +23,7 @@ from lmlab.checkpoint_io import remove_stale_temporaries
 from lmlab.config import check_devices, locate, validate_config
 from lmlab.distributed import end_job
 from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, RunInterrupted
+from lmlab.models.lora import parameter_counts
 from lmlab.preemption import (
     StopSignals,
     is_requeued_slurm_job,
@@ -188,8 +189,11 @@ def _fit_and_test(
     )
     if trainer.is_global_zero and cfg.print_config:
         print_config(cfg, Path(cfg.paths.output_dir) / "config_tree.yaml")
+    trainable, total = parameter_counts(task.net)
+    if trainer.is_global_zero:
+        log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     for logger in loggers:
-        logger.log_hyperparams({"config": to_plain(cfg)})
+        logger.log_hyperparams({"config": to_plain(cfg), "parameters": {"trainable": trainable, "total": total}})
 
     metrics: dict[str, float] = {}
     if cfg.train:

@@ -15,6 +15,7 @@ from lmlab.errors import ConfigError
 from lmlab.models.base import ClassifierNetwork
 from lmlab.models.choices import choice
 from lmlab.models.embeddings import embedding_settings, make_embedding
+from lmlab.models.lora import with_lora
 from lmlab.models.positions import Position, sinusoidal_positions
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import RecurrentEncoder
@@ -236,8 +237,9 @@ class BagOfNGrams(ClassifierNetwork):
 
 @register("network")
 class HFEncoderClassifier(ClassifierNetwork):
-    """A pretrained Hugging Face encoder (hub name or local folder), pooled, with a new linear head.
-    ``hf_config`` is set by lmlab checkpoints (see :mod:`lmlab.models.pretrained`)."""
+    """A pretrained Hugging Face encoder (hub name or local folder), pooled, with a new linear head; ``lora``
+    adapts the encoder with LoRA (:mod:`lmlab.models.lora`), the head trained whole. ``hf_config`` is set by
+    lmlab checkpoints (see :mod:`lmlab.models.pretrained`)."""
 
     def __init__(
         self,
@@ -246,13 +248,16 @@ class HFEncoderClassifier(ClassifierNetwork):
         pooling: str = "mean",
         dropout: float = 0.1,
         freeze_encoder: bool = False,
+        lora: dict[str, Any] | None = None,
         hf_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.pooling = choice("model.pooling", pooling, ("cls", "mean"))
-        self.encoder = load_pretrained_model("AutoModel", name_or_path, "hf_encoder", hf_config)
+        encoder = load_pretrained_model("AutoModel", name_or_path, "hf_encoder", hf_config)
+        self.encoder = with_lora(encoder, lora, "hf_encoder")
         self.freeze_encoder = freeze_encoder
-        self.encoder.requires_grad_(not freeze_encoder)
+        if freeze_encoder:  # adapters too: the encoder is a fixed feature extractor
+            self.encoder.requires_grad_(False)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.config.hidden_size, num_classes)
 

@@ -9,6 +9,7 @@ import torch
 
 from lmlab.errors import ConfigError
 from lmlab.models.base import LanguageModelNetwork
+from lmlab.models.lora import with_lora
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.registry import register
 
@@ -20,7 +21,8 @@ class PretrainedCausalLM(LanguageModelNetwork):
     It reads the ids of its own tokenizer (``tokenizer=pretrained`` with the same name or folder): every id
     must fit the model's embedding table, the tokenizer's end-of-text token must be the model's, and the
     context (``data.block_size``) must fit the model's positions. ``dropout`` sets every dropout probability
-    of the model's config (``None``: the model's own). Logits are cut to the tokenizer's
+    of the model's config (``None``: the model's own); ``lora`` trains LoRA adapters instead of every weight
+    (:mod:`lmlab.models.lora`). Logits are cut to the tokenizer's
     vocabulary where the model pads its table beyond it (Qwen2 keeps a few hundred unused rows), so
     perplexity is over the tokens the data can hold. The state is the model's own key/value cache.
     ``hf_config`` is set by lmlab checkpoints (see :mod:`lmlab.models.pretrained`).
@@ -33,10 +35,12 @@ class PretrainedCausalLM(LanguageModelNetwork):
         name_or_path: str,
         eos_id: int | None = None,
         dropout: float | None = None,
+        lora: dict[str, Any] | None = None,
         hf_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.model = load_pretrained_model("AutoModelForCausalLM", name_or_path, "hf_causal_lm", hf_config, dropout)
+        model = load_pretrained_model("AutoModelForCausalLM", name_or_path, "hf_causal_lm", hf_config, dropout)
+        self.model = with_lora(model, lora, "hf_causal_lm")
         config = self.model.config
         fix = (
             f"Use the model's own tokenizer: tokenizer=pretrained tokenizer.name_or_path={name_or_path} with its "

@@ -14,6 +14,7 @@ from lmlab.models.attention import KV
 from lmlab.models.base import Memory, Seq2SeqNetwork, State
 from lmlab.models.choices import choice
 from lmlab.models.classifiers import valid_mask
+from lmlab.models.lora import with_lora
 from lmlab.models.positions import Position, sinusoidal_positions
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import CELLS, RecurrentEncoder
@@ -326,7 +327,8 @@ class PretrainedSeq2Seq(Seq2SeqNetwork):
     pipeline's begin token (the end token) is swapped for the model's decoder start token, and logits are cut
     to the tokenizer's vocabulary where the model pads its table beyond it (T5 keeps 28 unused rows).
     Decoding keeps the model's own key/value cache as the state; beam search reorders it with the cache's
-    ``reorder_cache``. ``hf_config`` is set by lmlab checkpoints (see :mod:`lmlab.models.pretrained`).
+    ``reorder_cache``. ``lora`` trains LoRA adapters instead of every weight (:mod:`lmlab.models.lora`).
+    ``hf_config`` is set by lmlab checkpoints (see :mod:`lmlab.models.pretrained`).
     """
 
     def __init__(
@@ -338,10 +340,12 @@ class PretrainedSeq2Seq(Seq2SeqNetwork):
         eos_id: int,
         shared_vocabulary: bool,
         name_or_path: str,
+        lora: dict[str, Any] | None = None,
         hf_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.model = load_pretrained_model("AutoModelForSeq2SeqLM", name_or_path, "hf_seq2seq", hf_config)
+        model = load_pretrained_model("AutoModelForSeq2SeqLM", name_or_path, "hf_seq2seq", hf_config)
+        self.model = with_lora(model, lora, "hf_seq2seq")
         config = self.model.config
         rows = self.model.get_output_embeddings().weight.size(0)
         model_eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
