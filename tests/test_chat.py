@@ -8,6 +8,7 @@ reply stops where the model would begin the next user turn."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from conftest import QUIET, Command, compose_cfg, script
 from lmlab.chat import Conversation, _safe_length
 from lmlab.checkpoint import load_language_model
+from lmlab.errors import ConfigError
 from lmlab.train import train
 
 EXCHANGES = {"hi": "hello there", "bye": "see you"}
@@ -112,3 +114,62 @@ def test_what_may_begin_the_stop_marker_is_held_back() -> None:
     assert _safe_length("hello\nUs", "\nUser:") == len("hello")
     assert _safe_length("hello", "\nUser:") == len("hello")
     assert _safe_length("caf\ufffd", "\nUser:") == len("caf"), "a character whose bytes have not all come"
+
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _pretrained_with_template(folder: Path) -> Path:
+    """A BPE tokenizer saved as a pretrained one, with a chat template in its ``tokenizer_config.json``."""
+    from lmlab.tokenizers import train_bpe
+
+    folder.mkdir()
+    train_bpe(["User: hi there\nAssistant: hello\n" * 50], vocab_size=300).backend.save(str(folder / "tokenizer.json"))
+    config = {"chat_template": [{"name": "default", "template": TEMPLATE}, {"name": "tool_use", "template": "x"}]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_pretrained_tokenizers_chat_template_is_kept_and_used(tmp_path: Path) -> None:
+    from lmlab.language_model import LanguageModel
+    from lmlab.models.gpt import GPT
+    from lmlab.tokenizers import load_pretrained, tokenizer_from_state
+
+    folder = _pretrained_with_template(tmp_path / "tok")
+    tokenizer = load_pretrained(name_or_path=str(folder), eos_token="<|endoftext|>")
+    assert tokenizer.chat_template == TEMPLATE, "the default of the named templates"
+    again = tokenizer_from_state(tokenizer.state())
+    assert again.chat_template == TEMPLATE, "kept in the checkpoint's tokenizer state"
+    (folder / "tokenizer_config.json").unlink()
+    plain = load_pretrained(name_or_path=str(folder), eos_token="<|endoftext|>")
+    assert plain.chat_template is None and plain.fingerprint() == tokenizer.fingerprint(), "ids unchanged"
+
+    model = LanguageModel(GPT(tokenizer.vocab_size, 64, n_layer=1, n_head=2, n_embd=16), tokenizer)
+    sampling = {"max_new_tokens": 8, "temperature": 0.0, "top_k": None, "top_p": None, "seed": None}
+    templated = Conversation(model, "User: ", "Assistant: ", "auto", **dict(sampling))
+    turns = ["User: hi\n", "Assistant: hello\n", "User: bye\n"]
+    expected = "<|user|>hi<|endoftext|>\n<|assistant|>hello<|endoftext|>\n<|user|>bye<|endoftext|>\n<|assistant|>"
+    assert templated.render(turns) == expected
+    forced = Conversation(model, "User: ", "Assistant: ", "plain", **dict(sampling))
+    assert forced.render(turns) == "User: hi\nAssistant: hello\nUser: bye\nAssistant:"
+    with pytest.raises(ConfigError, match="template='jinja': pick one of auto, plain"):
+        Conversation(model, "User: ", "Assistant: ", "jinja", **dict(sampling))
+
+
+def test_export_hands_the_chat_template_to_transformers(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from lmlab.export import write_tokenizer
+    from lmlab.tokenizers import load_pretrained
+
+    tokenizer = load_pretrained(
+        name_or_path=str(_pretrained_with_template(tmp_path / "tok")), eos_token="<|endoftext|>"
+    )
+    (tmp_path / "hf").mkdir()
+    write_tokenizer(tokenizer, tmp_path / "hf", 64)
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "user", "content": "hi"}]
+    rendered = loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|user|>hi<|endoftext|>\n<|assistant|>"

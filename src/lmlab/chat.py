@@ -1,12 +1,14 @@
 """``lmlab-chat ckpt_path=...``: talk to a language model in the terminal.
 
 Each line typed is a message; the reply streams as it is sampled. The conversation is written for the model
-in a plain template, one turn per line: ``User: <message>`` and ``Assistant: <reply>`` (the prefixes are
-``user_prefix`` and ``assistant_prefix``). A reply ends at the model's end-of-text token, or where the model
-starts the next user turn. The history is kept within the model's context: the oldest exchanges are left
-out once the conversation and a full reply would not fit. ``/reset`` forgets the history, ``/exit`` (or
-end of input) quits. With stdin not a terminal, all of stdin is one message and the reply is printed (for
-scripts); ``interactive=true`` reads a conversation line by line from a pipe too.
+in its tokenizer's chat template, when a pretrained tokenizer brought one (its ``tokenizer_config.json``'s)
+and ``template=auto``; otherwise in a plain template, one turn per line: ``User: <message>`` and
+``Assistant: <reply>`` (the prefixes are ``user_prefix`` and ``assistant_prefix``). A reply ends at the
+model's end-of-text token, or (plain template) where the model starts the next user turn. The history is
+kept within the model's context: the oldest exchanges are left out once the conversation and a full reply
+would not fit. ``/reset`` forgets the history, ``/exit`` (or end of input) quits. With stdin not a
+terminal, all of stdin is one message and the reply is printed (for scripts); ``interactive=true`` reads a
+conversation line by line from a pipe too.
 """
 
 from __future__ import annotations
@@ -27,16 +29,24 @@ from lmlab.runtime import user_errors
 from lmlab.textio import read_input_text
 
 COMMANDS = {"/reset": "forget the conversation so far", "/exit": "quit"}
+#: ``template``: the tokenizer's chat template when it has one (else plain), or always the plain one
+TEMPLATES = ("auto", "plain")
 
 
 class Conversation:
     """The turns so far, as the model reads them, and the sampling of each reply."""
 
-    def __init__(self, model: LanguageModel, user_prefix: str, assistant_prefix: str, **sampling: Any) -> None:
+    def __init__(
+        self, model: LanguageModel, user_prefix: str, assistant_prefix: str, template: str = "auto", **sampling: Any
+    ) -> None:
         if model.tokenizer is None:
             raise ConfigError("This checkpoint holds no tokenizer, so it cannot read messages.")
+        if template not in TEMPLATES:
+            raise ConfigError(f"template={template!r}: pick one of {', '.join(TEMPLATES)}.")
         self.model, self.tokenizer = model, model.tokenizer
         self.user_prefix, self.assistant_prefix = user_prefix, assistant_prefix
+        source = getattr(self.tokenizer, "chat_template", None) if template == "auto" else None
+        self.chat_template = _compiled(source) if source is not None else None
         self.max_new_tokens = int(sampling.pop("max_new_tokens"))
         seed = sampling.pop("seed")
         device = next(model.net.parameters()).device
@@ -56,11 +66,24 @@ class Conversation:
         turns = [*self.turns, f"{self.user_prefix}{message}\n"]
         self.dropped = 0
         while True:
-            ids = self.tokenizer.encode("".join(turns) + self.assistant_prefix.rstrip(" "))
+            ids = self.tokenizer.encode(self.render(turns))
             if block is None or len(ids) + self.reply_room(block) <= block or len(turns) == 1:
                 break
             turns, self.dropped = turns[2:], self.dropped + 1
         return ids[-(block - self.reply_room(block)) :] if block is not None else ids
+
+    def render(self, turns: list[str]) -> str:
+        """The conversation of ``turns`` (alternately the user's and the assistant's, the user's last) as the
+        model reads it, up to where its reply starts."""
+        if self.chat_template is None:
+            return "".join(turns) + self.assistant_prefix.rstrip(" ")
+        prefixes = (self.user_prefix, self.assistant_prefix)
+        messages = [
+            {"role": ("user", "assistant")[i % 2], "content": turn.removeprefix(prefixes[i % 2]).rstrip("\n")}
+            for i, turn in enumerate(turns)
+        ]
+        specials = {"eos_token": getattr(self.tokenizer, "eos_token", None) or "", "bos_token": ""}
+        return self.chat_template.render(messages=messages, add_generation_prompt=True, **specials)
 
     def reply_room(self, block: int) -> int:
         """The context left for the reply: ``max_new_tokens``, at most half the context (a longer reply
@@ -70,7 +93,8 @@ class Conversation:
     def reply(self, message: str, out: TextIO) -> str:
         """Sample the reply to ``message``, writing it to ``out`` as it comes; it joins the history."""
         prompt = self.prompt_ids(message)
-        stop = "\n" + self.user_prefix.strip()
+        # a chat template ends a turn with a token of its own (the end-of-text one, for a model tuned on it)
+        stop = "\n" + self.user_prefix.strip() if self.chat_template is None else None
         eos = self.tokenizer.eos_id
         new: list[int] = []
         shown = 0
@@ -83,7 +107,7 @@ class Conversation:
                 new.pop()
                 return False
             text = self.tokenizer.decode(new)
-            ended = stop in text
+            ended = stop is not None and stop in text
             if ended:
                 text = text[: text.index(stop)]
             ready = len(text) if ended else _safe_length(text, stop)
@@ -118,12 +142,25 @@ class Conversation:
         return answer
 
 
-def _safe_length(text: str, stop: str) -> int:
+def _compiled(source: str) -> Any:
+    """A chat template compiled in Jinja's sandbox (templates come with downloaded tokenizers), with the
+    ``raise_exception`` helper Hugging Face templates call."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ConfigError(f"The tokenizer's chat template refuses the conversation: {message}")
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    return environment.from_string(source)
+
+
+def _safe_length(text: str, stop: str | None) -> int:
     """How much of ``text`` can be shown: not a tail that may be the start of ``stop``, nor a character that
     a byte-level token has not finished (decoded as U+FFFD until its last byte comes)."""
     end = len(text.rstrip("\ufffd"))
-    for size in range(min(len(stop) - 1, end), 0, -1):
-        if text[:end].endswith(stop[:size]):
+    for size in range(min(len(stop or "") - 1, end), 0, -1):
+        if stop is not None and text[:end].endswith(stop[:size]):
             return end - size
     return end
 
@@ -157,6 +194,7 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None
         model,
         cfg.user_prefix,
         cfg.assistant_prefix,
+        cfg.template,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_k=cfg.top_k or None,

@@ -230,11 +230,13 @@ def _tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
         "unk_token": getattr(tokenizer, "unk_token", None)
         or (CharTokenizer.UNK if getattr(tokenizer, "unk", False) else None),
     }
+    template = getattr(tokenizer, "chat_template", None)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": block_size,
         "clean_up_tokenization_spaces": False,
         **{k: v for k, v in specials.items() if v is not None},
+        **({"chat_template": template} if template is not None else {}),
     }
 
 

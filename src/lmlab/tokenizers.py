@@ -54,10 +54,10 @@ class Tokenizer(ABC):
     def fingerprint(self) -> str:
         """A short hash that changes whenever the mapping between text and ids changes.
 
-        Where a pretrained tokenizer was loaded from (``source``) is left out: the same tokenizer.json
-        from another path must match a checkpoint trained with it.
+        Where a pretrained tokenizer was loaded from (``source``) and its chat template are left out: the same
+        tokenizer.json from another path must match a checkpoint trained with it.
         """
-        state = {k: v for k, v in self.state().items() if k != "source"}
+        state = {k: v for k, v in self.state().items() if k not in ("source", "chat_template")}
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
     def encode_documents(self, texts: Iterable[str]) -> list[int]:
@@ -146,11 +146,14 @@ class HFTokenizer(Tokenizer):
         pad_token: str | None = None,
         unk_token: str | None = None,
         source: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self.backend = backend
         self.kind = kind
         self.eos_token, self.pad_token, self.unk_token = eos_token, pad_token, unk_token
         self.source = source
+        #: a pretrained tokenizer's Jinja template for conversations (its tokenizer_config.json's), if any
+        self.chat_template = chat_template
         self.eos_id = self._special_id(eos_token)
         self.pad_id = self._special_id(pad_token)
         self.unk_id = self._special_id(unk_token)
@@ -210,6 +213,7 @@ class HFTokenizer(Tokenizer):
             "pad_token": self.pad_token,
             "unk_token": self.unk_token,
             "source": self.source,
+            **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
         }
 
 
@@ -356,7 +360,24 @@ def load_pretrained(
     # padding and truncation are decided per batch by the data modules, not fixed in the file
     backend.no_padding()
     backend.no_truncation()
-    return HFTokenizer(backend, "pretrained", eos_token, pad_token, unk_token, source=name_or_path)
+    template = chat_template_beside(file.parent) if looks_local else None
+    return HFTokenizer(backend, "pretrained", eos_token, pad_token, unk_token, name_or_path, template)
+
+
+def chat_template_beside(folder: Path) -> str | None:
+    """The chat template of the ``tokenizer_config.json`` in ``folder`` (its default one where it names
+    several), or ``None``."""
+    config_file = folder / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -377,6 +398,7 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
             pad_token=state.get("pad_token"),
             unk_token=state.get("unk_token"),
             source=state.get("source"),
+            chat_template=state.get("chat_template"),
         )
     if kind == "pair":
         source = tokenizer_from_state(state["source"])
