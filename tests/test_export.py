@@ -181,3 +181,32 @@ def test_lmlab_export_as_typed(checkpoints: dict[str, Path], tmp_path: Path) -> 
     assert f"exported: {Path('hf_model')}" in done.stdout and (tmp_path / "hf_model" / "model.safetensors").is_file()
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "error: RecurrentLM has no Hugging Face causal-LM equivalent" in refused.stderr
+
+
+def test_a_fine_tuned_encoder_decoder_exports_as_its_architecture_with_lora_merged(tmp_path: Path) -> None:
+    from conftest import mt_overrides, pretrained_seq2seq_overrides, write_pair_splits
+    from lmlab.checkpoint import load_task
+
+    pytest.importorskip("peft")
+    pairs = write_pair_splits(tmp_path / "pairs")
+    own_tokenizer = [o for o in mt_overrides(pairs) if not o.startswith("tokenizer.")]
+    lora = ["model.lora.r=4", "model.lora.dropout=0.0", "trainer.max_steps=20", "test=false"]
+    train(compose_cfg(tmp_path, [*own_tokenizer, *pretrained_seq2seq_overrides(), *lora], run_dir=tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = _export(ckpt, tmp_path / "hf")
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(model).__name__ == "T5ForConditionalGeneration"
+    assert not any("lora" in name for name in model.state_dict()), "the adapters are folded in"
+    assert "AutoModelForSeq2SeqLM.from_pretrained" in (out / "README.md").read_text()
+    task, _ = load_task(ckpt)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    sentence = "red cat sat"
+    ids = tokenizer(sentence, add_special_tokens=False)["input_ids"]
+    assert ids == task.tokenizer.source.encode(sentence)
+    src = torch.tensor([[*ids, task.tokenizer.source.eos_id]])  # the end token closes a source
+    tgt_in = torch.tensor([[task.tokenizer.source.eos_id, *ids]])
+    with torch.no_grad():
+        expected = task.net.eval()(src, torch.tensor([src.size(1)]), tgt_in)
+        start = torch.full_like(tgt_in[:, :1], task.net.start_id)
+        got = model(input_ids=src, decoder_input_ids=torch.cat([start, tgt_in[:, 1:]], dim=1)).logits
+    assert (got[..., : expected.size(-1)] - expected).abs().max() < 1e-4

@@ -1,17 +1,17 @@
 """``lmlab-export ckpt_path=... out=DIR``: a language model's checkpoint as a Hugging Face folder.
 
-``transformers`` loads the folder with ``AutoModelForCausalLM.from_pretrained(DIR)`` and
-``AutoTokenizer.from_pretrained(DIR)``: safetensors weights, the architecture's config, the generation
-config, the tokenizer files and a model card (``README.md``) that records the training config, the data,
-the metrics and the command of the run.
+``transformers`` loads the folder with ``AutoModelForCausalLM.from_pretrained(DIR)`` (a fine-tuned
+encoder-decoder, ``model=hf_seq2seq``: ``AutoModelForSeq2SeqLM``) and ``AutoTokenizer.from_pretrained(DIR)``:
+safetensors weights, the architecture's config, the generation config, the tokenizer files and a model card
+(``README.md``) that records the training config, the data, the metrics and the command of the run.
 
 lmlab's GPT maps onto two architectures, by its part choices: LayerNorm, GELU MLP and learned positions
 are GPT-2's (``GPT2LMHeadModel``); RMSNorm, SwiGLU and rotary positions are Llama's (``LlamaForCausalLM``,
-grouped-query attention included). A fine-tuned pretrained model (``model=hf_causal_lm``) is written as
-the architecture it is. Other combinations, and the recurrent models, have no equivalent and are refused
-with what would map. The export checks itself: the exported model's logits must equal lmlab's
-on the same ids (``check_atol``), and the exported tokenizer must give lmlab's ids, before the folder is
-left in place.
+grouped-query attention included). A fine-tuned pretrained model (``model=hf_causal_lm``, ``hf_seq2seq``)
+is written as the architecture it is, LoRA adapters merged. Other combinations, and the recurrent models,
+have no equivalent and are refused with what would map. The export checks itself: the exported model's
+logits must equal lmlab's on the same ids (``check_atol``), and the exported tokenizer must give lmlab's ids,
+before the folder is left in place.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from lmlab.models.gpt import GPT
 from lmlab.models.hf_causal_lm import PretrainedCausalLM
 from lmlab.models.lora import merged
 from lmlab.models.mlp import SwiGLU
+from lmlab.models.seq2seq import PretrainedSeq2Seq
 from lmlab.runtime import user_errors
 from lmlab.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
 
@@ -247,13 +248,22 @@ def write_tokenizer(tokenizer: Tokenizer, out: Path, block_size: int) -> None:
 
 
 def sample_text(tokenizer: Tokenizer, n: int) -> str:
-    """Text that reaches the first ``n`` vocabulary entries, for checking an exported tokenizer."""
+    """Text that reaches the first ``n`` vocabulary entries, for checking an exported tokenizer. The special
+    tokens are left out: ``transformers`` reads their text (``</s>``) as the token itself, where the backend
+    alone may split it, and text seldom holds them."""
     if isinstance(tokenizer, CharTokenizer):
         return "".join(tokenizer.chars[:n])
-    return tokenizer.decode(list(range(min(n, tokenizer.vocab_size))))
+    specials = {getattr(tokenizer, f"{name}_id", None) for name in ("eos", "pad", "unk")}
+    return tokenizer.decode([i for i in range(min(n, tokenizer.vocab_size)) if i not in specials])
 
 
-def model_card(ckpt_path: Path, family: str, run_config: Mapping[str, Any], check: Mapping[str, Any]) -> str:
+def auto_class(folder: Path) -> str:
+    """The ``transformers`` class that loads the exported ``folder``."""
+    encoder_decoder = json.loads((folder / "config.json").read_text()).get("is_encoder_decoder", False)
+    return "AutoModelForSeq2SeqLM" if encoder_decoder else "AutoModelForCausalLM"
+
+
+def model_card(ckpt_path: Path, family: str, run_config: Mapping[str, Any], check: Mapping[str, Any], auto: str) -> str:
     """``README.md`` of the folder: how to load it, and the run's command, metrics, data and config (from
     the run folder's ``metrics.json`` when the checkpoint is still in it)."""
     import yaml
@@ -271,13 +281,13 @@ def model_card(ckpt_path: Path, family: str, run_config: Mapping[str, Any], chec
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [lmlab, text-generation]",
+        f"tags: [lmlab, {'text2text-generation' if 'Seq2Seq' in auto else 'text-generation'}]",
         "---",
         f"# {family} language model trained with lmlab",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("<this folder>")',
+        f"from transformers import {auto}, AutoTokenizer",
+        f'model = {auto}.from_pretrained("<this folder>")',
         'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
         "```",
         "",
@@ -314,7 +324,7 @@ def model_card(ckpt_path: Path, family: str, run_config: Mapping[str, Any], chec
 
 
 def export(cfg: DictConfig) -> Path:
-    """Write ``cfg.ckpt_path``'s language model as a Hugging Face folder at ``cfg.out``, checked against lmlab."""
+    """Write ``cfg.ckpt_path``'s model as a Hugging Face folder at ``cfg.out``, checked against lmlab."""
     validate_config(cfg, schema=None)
     try:
         import transformers  # noqa: F401
@@ -324,22 +334,29 @@ def export(cfg: DictConfig) -> Path:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ConfigError(f"out: '{out}' is not empty. Pick another folder, or set overwrite=true to replace it.")
     model, run_config = load_language_model(ckpt_path)
-    net = getattr(model, "net", None)
-    if not hasattr(model, "generate_text") or net is None:
-        raise ExportError(f"'{ckpt_path}' is not a language model checkpoint; lmlab-export writes causal LMs.")
-    tokenizer = model.tokenizer
+    net, tokenizer = getattr(model, "net", None), getattr(model, "tokenizer", None)
+    if isinstance(net, PretrainedSeq2Seq):
+        tokenizer = getattr(tokenizer, "source", tokenizer)  # hf_seq2seq reads both sides with one vocabulary
+        hf, family, context = merged(net.model), str(net.model.config.model_type), net.max_target_positions or 512
+    elif hasattr(model, "generate_text") and net is not None:
+        (hf, family), context = hf_model(net, tokenizer), net.block_size
+    else:
+        raise ExportError(
+            f"'{ckpt_path}' is a {type(net).__name__} checkpoint: lmlab-export writes language models and "
+            "pretrained encoder-decoders (model=hf_seq2seq)."
+        )
     if tokenizer is None:
         raise ExportError(f"'{ckpt_path}' holds no tokenizer, so its folder could not encode text.")
-    hf, family = hf_model(net, tokenizer)
     # written beside ``out`` and moved there once checked: a failed export leaves no folder to mistake for one
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         hf.save_pretrained(staging, safe_serialization=True)
-        write_tokenizer(tokenizer, staging, net.block_size)
-        check = verify(net, tokenizer, staging, float(cfg.check_atol))
-        (staging / "README.md").write_text(model_card(ckpt_path, family, run_config, check))
+        write_tokenizer(tokenizer, staging, context)
+        ids = check_tokenizer(tokenizer, staging)
+        check = check_logits(net, staging, ids[:context] or [0], float(cfg.check_atol))
+        (staging / "README.md").write_text(model_card(ckpt_path, family, run_config, check, auto_class(staging)))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -350,10 +367,10 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
-def verify(net: nn.Module, tokenizer: Tokenizer, folder: Path, atol: float) -> dict[str, Any]:
-    """Load ``folder`` as a user would and compare: the tokenizer's ids on a sample of the vocabulary, then
-    both models' float32 logits on those ids (at most a block); an :class:`ExportError` past ``atol``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_tokenizer(tokenizer: Tokenizer, folder: Path) -> list[int]:
+    """The ids of a sample of the vocabulary, which ``folder``'s tokenizer, loaded as a user would, must give
+    as lmlab's does; an :class:`ExportError` where it does not."""
+    from transformers import AutoTokenizer
 
     text = sample_text(tokenizer, 256)
     ours = tokenizer.encode(text)
@@ -363,28 +380,44 @@ def verify(net: nn.Module, tokenizer: Tokenizer, folder: Path, atol: float) -> d
             (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs))
         )
         raise ExportError(f"The exported tokenizer gives other ids than lmlab's (first difference at token {first}).")
-    ids = torch.tensor([ours[: net.block_size] or [0]])
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return ours
+
+
+def check_logits(net: nn.Module, folder: Path, ids: list[int], atol: float) -> dict[str, Any]:
+    """Both models' float32 logits on ``ids`` (an encoder-decoder: ``ids`` as the source and as the target
+    read so far), loaded from ``folder`` as a user would; an :class:`ExportError` past ``atol``."""
+    import transformers
+
+    seq2seq = isinstance(net, PretrainedSeq2Seq)
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    hf = auto.from_pretrained(folder, dtype=torch.float32).eval()
+    batch = torch.tensor([ids])
     was_training = net.training
     net.eval()
     with torch.no_grad():
-        expected = net.float()(ids)[0]
-        got = hf(ids).logits[..., : expected.size(-1)]  # a pretrained model's table may pad past the vocabulary
+        if seq2seq:
+            expected = net.float()(batch, torch.tensor([len(ids)]), batch)
+            start = torch.full_like(batch[:, :1], net.start_id)  # how the network begins every target
+            got = hf(input_ids=batch, decoder_input_ids=torch.cat([start, batch[:, 1:]], dim=1)).logits
+        else:
+            expected = net.float()(batch)[0]
+            got = hf(batch).logits
     net.train(was_training)
+    got = got[..., : expected.size(-1)]  # a pretrained model's table may pad past the vocabulary
     diff = float((expected - got).abs().max())
     if not diff <= atol:
         raise ExportError(
             f"The exported model's logits differ from lmlab's by {diff:.3g} (check_atol={atol}): this transformers "
             "version computes the architecture differently. Nothing was written."
         )
-    return {"max_abs_diff": diff, "tokens": ids.size(1)}
+    return {"max_abs_diff": diff, "tokens": len(ids)}
 
 
 def run(cfg: DictConfig) -> None:
     with user_errors():
         out = export(cfg)
     print(f"exported: {out}")
-    print(f'load it: AutoModelForCausalLM.from_pretrained("{out}"), AutoTokenizer.from_pretrained("{out}")')
+    print(f'load it: {auto_class(out)}.from_pretrained("{out}"), AutoTokenizer.from_pretrained("{out}")')
 
 
 if __name__ == "__main__":
