@@ -173,3 +173,10 @@ def test_export_hands_the_chat_template_to_transformers(tmp_path: Path) -> None:
     messages = [{"role": "user", "content": "hi"}]
     rendered = loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == "<|user|>hi<|endoftext|>\n<|assistant|>"
+
+
+def test_a_checkpoint_of_another_task_is_refused(tmp_path: Path) -> None:
+    classifier = Path(__file__).parent / "fixtures" / "checkpoints" / "cls_bigru.ckpt"
+    done = Command(["bash", "-c", f"echo hi | {script('lmlab-chat')} ckpt_path={classifier}"], tmp_path, "cls").wait()
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "is not a language model checkpoint; lmlab-chat needs one." in done.stderr

@@ -210,3 +210,10 @@ def test_a_fine_tuned_encoder_decoder_exports_as_its_architecture_with_lora_merg
         start = torch.full_like(tgt_in[:, :1], task.net.start_id)
         got = model(input_ids=src, decoder_input_ids=torch.cat([start, tgt_in[:, 1:]], dim=1)).logits
     assert (got[..., : expected.size(-1)] - expected).abs().max() < 1e-4
+
+
+def test_a_classifier_checkpoint_is_refused_naming_what_exports(tmp_path: Path) -> None:
+    classifier = Path(__file__).parent / "fixtures" / "checkpoints" / "cls_bigru.ckpt"
+    with pytest.raises(ExportError, match="is a RNNClassifier checkpoint: lmlab-export writes language models"):
+        _export(classifier, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -54,8 +54,11 @@ def save_tiny_causal_lm(folder: Path, family: str, vocab_size: int, eos_id: int,
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A learnable text, and a tokenizer trained on it saved as a pretrained one (``tokenizer.json``)."""
-    root = tmp_path_factory.mktemp("hf_causal_lm")
+    return make_corpus(tmp_path_factory.mktemp("hf_causal_lm"))
+
+
+def make_corpus(root: Path) -> dict:
+    """A learnable text in ``root``, and a tokenizer trained on it saved as a pretrained one (``tokenizer.json``)."""
     text = root / "learnable.txt"
     text.write_text("\n".join(LINES * 60) + "\n", encoding="utf-8")
     tokenizer = train_bpe([text.read_text()], vocab_size=300)

@@ -23,7 +23,7 @@ from lmlab.models.classifiers import HFEncoderClassifier
 from lmlab.models.hf_causal_lm import PretrainedCausalLM
 from lmlab.models.lora import parameter_counts
 from lmlab.train import train
-from test_hf_causal_lm import _overrides, save_tiny_causal_lm
+from test_hf_causal_lm import _overrides, make_corpus, save_tiny_causal_lm
 
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -35,18 +35,10 @@ LORA = ["model.lora.r=8", "model.lora.alpha=16", "model.lora.dropout=0.0", f"mod
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny Llama, its baseline, and a LoRA fine-tuning run of it."""
-    from lmlab.tokenizers import train_bpe
-    from test_hf_causal_lm import LINES
-
-    root = tmp_path_factory.mktemp("lora")
-    text = root / "learnable.txt"
-    text.write_text("\n".join(LINES * 60) + "\n", encoding="utf-8")
-    tokenizer = train_bpe([text.read_text()], vocab_size=300)
-    (root / "tokenizer").mkdir()
-    tokenizer.backend.save(str(root / "tokenizer" / "tokenizer.json"))
-    corpus = {"root": root, "text": text, "tokenizer": root / "tokenizer"}
-    folder = save_tiny_causal_lm(root / "llama", "llama", tokenizer.vocab_size, tokenizer.eos_id)
-    found = {"corpus": corpus, "folder": folder, "vocab": tokenizer.vocab_size, "eos": tokenizer.eos_id}
+    corpus = make_corpus(tmp_path_factory.mktemp("lora"))
+    root = corpus["root"]
+    folder = save_tiny_causal_lm(root / "llama", "llama", corpus["vocab"], corpus["eos"])
+    found = {"corpus": corpus, "folder": folder, "vocab": corpus["vocab"], "eos": corpus["eos"]}
     for name, extra in (("baseline", ["train=false"]), ("lora", [*LORA, "optimizer.lr=1e-2"])):
         run_dir = root / "runs" / name
         train(compose_cfg(root, _overrides(corpus, folder, *extra), run_dir=run_dir))
