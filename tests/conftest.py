@@ -239,6 +239,54 @@ def toy_seq2seq_folder(family: str = "t5", vocab_size: int = 32, toy_words: bool
     return save_tiny_seq2seq(folder, family, vocab_size, words)
 
 
+def save_tiny_causal_lm(folder: Path, family: str, vocab_size: int, eos_id: int, positions: int = 64) -> Path:
+    """A randomly initialised ``family`` causal LM (``gpt2``, ``llama``, ``qwen2``) with ``vocab_size`` embedding
+    rows, saved as a hub model is."""
+    import torch
+    import transformers
+
+    sizes = {"vocab_size": vocab_size, "eos_token_id": eos_id, "bos_token_id": eos_id}
+    if family == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=positions, **sizes)
+    else:
+        config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+        config = config_class(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=positions,
+            tie_word_embeddings=family == "qwen2",
+            **sizes,
+        )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+#: a chat template in the form Hugging Face tokenizers save them
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@functools.cache
+def toy_chat_lm_folder() -> Path:
+    """A tiny Qwen2 with a BPE tokenizer over :data:`EXCHANGES` (end token ``<|endoftext|>``) and
+    :data:`CHAT_TEMPLATE` beside it, as a pretrained chat model is saved; built once per session."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from lmlab.tokenizers import train_bpe
+
+    folder = Path(tempfile.mkdtemp(prefix="lmlab-tiny-chat-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    tokenizer = train_bpe([f"{p} {r}\n" for p, r in EXCHANGES.items()] * 50, vocab_size=300)
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return save_tiny_causal_lm(folder, "qwen2", tokenizer.vocab_size, tokenizer.eos_id)
+
+
 def pretrained_seq2seq_overrides() -> list[str]:
     """Overrides that fine-tune :func:`toy_seq2seq_folder`'s model with its own tokenizer."""
     folder = toy_seq2seq_folder()
@@ -251,6 +299,20 @@ def pretrained_seq2seq_overrides() -> list[str]:
         "tokenizer.pad_token='<pad>'",
         "tokenizer.unk_token='<unk>'",
     ]
+
+
+#: prompt/response pairs a tiny model learns to answer (instruction tuning)
+EXCHANGES = {"hi": "hello there", "bye": "see you", "who are you?": "a tiny model"}
+
+
+def write_exchanges(path: Path, repeats: int = 1, **columns: str) -> Path:
+    """The exchanges as JSON lines, under the column names ``columns`` gives (prompt and response by default)."""
+    import json
+
+    names = {"prompt": "prompt", "response": "response", **columns}
+    rows = [{names["prompt"]: p, names["response"]: r} for p, r in EXCHANGES.items()] * repeats
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
 
 
 def write_pairs(path: Path, n: int, seed: int, min_words: int = 2, max_words: int = 6) -> Path:

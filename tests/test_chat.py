@@ -95,7 +95,7 @@ def test_the_reply_streams_and_stops_before_the_next_user_turn(checkpoint: Path)
     assert conversation.reply("hi", out) == "hello there"
     assert out.getvalue() == "hello there\n"
     assert len([c for c in out.chunks if c.strip()]) > 3, "written as it is sampled, not at the end"
-    assert conversation.turns == ["User: hi\n", "Assistant: hello there\n"]
+    assert conversation.turns == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
 
 
 def test_the_history_keeps_the_latest_exchanges_that_fit_the_context(checkpoint: Path) -> None:
@@ -150,11 +150,12 @@ def test_a_pretrained_tokenizers_chat_template_is_kept_and_used(tmp_path: Path) 
     model = LanguageModel(GPT(tokenizer.vocab_size, 64, n_layer=1, n_head=2, n_embd=16), tokenizer)
     sampling = {"max_new_tokens": 8, "temperature": 0.0, "top_k": None, "top_p": None, "seed": None}
     templated = Conversation(model, "User: ", "Assistant: ", "auto", **dict(sampling))
-    turns = ["User: hi\n", "Assistant: hello\n", "User: bye\n"]
+    turns = [{"role": r, "content": c} for r, c in (("user", "hi"), ("assistant", "hello"), ("user", "bye"))]
     expected = "<|user|>hi<|endoftext|>\n<|assistant|>hello<|endoftext|>\n<|user|>bye<|endoftext|>\n<|assistant|>"
-    assert templated.render(turns) == expected
+    assert templated.format.render(turns) == expected
+    assert templated.format.reply_end() == "<|endoftext|>", "what the template writes after a reply"
     forced = Conversation(model, "User: ", "Assistant: ", "plain", **dict(sampling))
-    assert forced.render(turns) == "User: hi\nAssistant: hello\nUser: bye\nAssistant:"
+    assert forced.format.render(turns) == "User: hi\nAssistant: hello\nUser: bye\nAssistant:"
     with pytest.raises(ConfigError, match="template='jinja': pick one of auto, plain"):
         Conversation(model, "User: ", "Assistant: ", "jinja", **dict(sampling))
 

@@ -29,7 +29,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 import lmlab.config as lmlab_config
-from conftest import FAST, cls_overrides, mt_overrides, toy_seq2seq_folder, write_labeled, write_pairs
+from conftest import (
+    EXCHANGES,
+    FAST,
+    cls_overrides,
+    mt_overrides,
+    toy_chat_lm_folder,
+    toy_seq2seq_folder,
+    write_exchanges,
+    write_labeled,
+    write_pairs,
+)
 from lmlab.config import (
     accepted_keys,
     check_task_data,
@@ -43,6 +53,7 @@ from lmlab.config import (
     validate_config,
 )
 from lmlab.data.classification import ClassificationDataModule
+from lmlab.data.instructions import NO_LOSS, InstructionDataModule
 from lmlab.data.tables import HubTable
 from lmlab.data.text_sources import HubText
 from lmlab.data.translation import TranslationDataModule
@@ -166,6 +177,8 @@ def _local_files(source: DictConfig, tmp_path: Path) -> list[str]:
         return []
     if "src" in source.get("columns", {}):
         return [f"data.source.train_files={write_pairs(tmp_path / 'pairs.jsonl', 64, 0)}"]
+    if "prompt" in source.get("columns", {}):
+        return [f"data.source.train_files={write_exchanges(tmp_path / 'exchanges.jsonl', 20)}"]
     if "columns" in source:
         return [f"data.source.train_files={write_labeled(tmp_path / 'labeled.jsonl', 64, 0)}"]
     return [f"data.source.train_files={_text_file(tmp_path)}"]
@@ -225,6 +238,10 @@ def _check_data(cfg: DictConfig, option: str, tmp_path: Path) -> None:
         assert set(batch.labels.tolist()) <= set(range(datamodule.data_info["num_classes"]))
         return
     x, y = batch
+    if isinstance(datamodule, InstructionDataModule):
+        assert x.shape == y.shape and x.shape[0] == cfg.data.batch_size and x.shape[1] <= cfg.data.block_size
+        assert 0 < int((y != NO_LOSS).sum()) < y.numel(), "the responses are scored, not the prompts"
+        return
     assert x.shape == y.shape == (cfg.data.batch_size, cfg.data.block_size)
     assert torch.equal(x[:, 1:], y[:, :-1])
 
@@ -579,6 +596,18 @@ def _offline_data(experiment: DictConfig, text: Path, labeled: Path, pairs: Path
             "trainer.val_check_interval=10",
             "trainer.limit_val_batches=2",
             "trainer.limit_test_batches=2",
+        ]
+    if "name_or_path" in experiment.model:  # instruction tuning of a pretrained causal LM: alpaca_data.json
+        alpaca = text.parent / "alpaca_data.json"
+        rows = [{"instruction": p, "input": "", "output": r} for p, r in EXCHANGES.items()] * 10
+        alpaca.write_text(json.dumps(rows), encoding="utf-8")
+        return [
+            "data.source.path=json",
+            f"data.source.data_files={alpaca}",
+            "data.source.val_fraction=0.1",
+            "data.source.test_fraction=0.1",
+            f"model.name_or_path={toy_chat_lm_folder()}",
+            *[o for o in FAST_OVERRIDES if not o.startswith("++model.")],
         ]
     return [
         "data=text_files",

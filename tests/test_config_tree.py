@@ -27,12 +27,16 @@ BASES = sorted(p.relative_to(CONF / "data").with_suffix("").as_posix() for p in 
 #: the task each data module serves
 TASK_OF = {
     "lmlab.data.lm.LMDataModule": "lm",
+    "lmlab.data.instructions.InstructionDataModule": "lm",
     "lmlab.data.classification.ClassificationDataModule": "classification",
     "lmlab.data.translation.TranslationDataModule": "translation",
 }
+#: the base every data option of a data module builds on first: its task's, unless the module has its own
+BASE_OF = {"lmlab.data.instructions.InstructionDataModule": "base/instructions"}
 #: the keys a user must give (``???``): the local files of the options that read local files
 MANDATORY = {
     "text_files": {"data.source.train_files"},
+    "instructions": {"data.source.train_files"},
     "labeled_files": {"data.source.train_files"},
     "translation_files": {"data.source.train_files"},
     "aligned_text": {"data.source.train.src", "data.source.train.tgt"},
@@ -95,8 +99,9 @@ def test_data_option_composes_to_the_data_module_of_its_task(option: str, cfg_of
 @pytest.mark.parametrize("option", DATA)
 def test_data_option_inherits_from_its_task_base_not_from_another_data_set(option: str) -> None:
     defaults = _defaults(option)
-    task = TASK_OF[data_options()[option]]
-    assert defaults and defaults[0] == f"base/{task}", f"data={option} must build on base/{task} first"
+    target = data_options()[option]
+    base = BASE_OF.get(target, f"base/{TASK_OF[target]}")
+    assert defaults and defaults[0] == base, f"data={option} must build on {base} first"
     assert all(is_base(entry) for entry in defaults), f"data={option} inherits from another data option"
     assert all(entry in BASES for entry in defaults)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import QUIET, compose_cfg
+from conftest import QUIET, compose_cfg, save_tiny_causal_lm
 from lmlab.checkpoint import load_language_model
 from lmlab.errors import ConfigError
 from lmlab.export import export
@@ -28,28 +28,6 @@ transformers = pytest.importorskip("transformers")
 LINES = [f"the {a} cat sat on the {b} mat." for a in ("red", "big", "old") for b in ("blue", "flat")]
 EOS, PAD = "<|endoftext|>", "<pad>"
 TINY = {"hidden": 32, "layers": 2, "heads": 4, "positions": 64}
-
-
-def save_tiny_causal_lm(folder: Path, family: str, vocab_size: int, eos_id: int, positions: int = 64) -> Path:
-    """A randomly initialised ``family`` causal LM with ``vocab_size`` embedding rows, saved as a hub model is."""
-    sizes = {"vocab_size": vocab_size, "eos_token_id": eos_id, "bos_token_id": eos_id}
-    if family == "gpt2":
-        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=positions, **sizes)
-    else:
-        config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
-        config = config_class(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=positions,
-            tie_word_embeddings=family == "qwen2",
-            **sizes,
-        )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose_cfg
+from conftest import compose_cfg, save_tiny_causal_lm
 from lmlab.checkpoint import load_language_model
 from lmlab.errors import ConfigError
 from lmlab.export import export
@@ -23,7 +23,7 @@ from lmlab.models.classifiers import HFEncoderClassifier
 from lmlab.models.hf_causal_lm import PretrainedCausalLM
 from lmlab.models.lora import parameter_counts
 from lmlab.train import train
-from test_hf_causal_lm import _overrides, make_corpus, save_tiny_causal_lm
+from test_hf_causal_lm import _overrides, make_corpus
 
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import EXCHANGES, SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -117,6 +117,15 @@ ROWS: dict[str, Row] = {
     "lmlab-export ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt out=hf_llama": Row(),
     'echo "What does the import statement do?" | lmlab-chat ckpt_path=... max_new_tokens=100': Row(
         add="max_new_tokens=5"
+    ),
+    "lmlab-train data=instructions data.source.train_files=pairs.jsonl tokenizer=char data.block_size=128": Row(
+        add=STEPS
+    ),
+    'echo "hi" | lmlab-chat ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt temperature=0': Row(
+        add="max_new_tokens=5"
+    ),
+    "lmlab-train experiment=lm/alpaca_qwen_lora trainer=gpu": Row(
+        skip="downloads Qwen2.5-0.5B and Alpaca and needs a GPU (tests/test_config.py trains it offline, tiny)"
     ),
     # Data
     "lmlab-train data=text_files data.source.train_files='corpus/*.txt' data.source.val_fraction=0.1": Row(add=STEPS),
@@ -224,7 +233,9 @@ def _write_table(path: Path, records: list[dict]) -> None:
 
 def write_inputs(section: str, cwd: Path) -> None:
     """The files the section's commands name, as a user would have them."""
-    if section == "Entry points":
+    if section == "Llama-style decoders, pretrained causal LMs and Hugging Face export":
+        _write_table(cwd / "pairs.jsonl", [{"prompt": p, "response": r} for p, r in EXCHANGES.items()] * 20)
+    elif section == "Entry points":
         (cwd / "prompt.txt").write_text("def f(x):\n    return {'é': (x, \"a, b\")}\n", encoding="utf-8")
     elif section == "Data":
         text = [r["text"] for r in _shared_rows("wikitext-2/train.parquet", ["text"], 3000)]

@@ -1,14 +1,14 @@
 """``lmlab-chat ckpt_path=...``: talk to a language model in the terminal.
 
 Each line typed is a message; the reply streams as it is sampled. The conversation is written for the model
-in its tokenizer's chat template, when a pretrained tokenizer brought one (its ``tokenizer_config.json``'s)
-and ``template=auto``; otherwise in a plain template, one turn per line: ``User: <message>`` and
-``Assistant: <reply>`` (the prefixes are ``user_prefix`` and ``assistant_prefix``). A reply ends at the
-model's end-of-text token, or (plain template) where the model starts the next user turn. The history is
-kept within the model's context: the oldest exchanges are left out once the conversation and a full reply
-would not fit. ``/reset`` forgets the history, ``/exit`` (or end of input) quits. With stdin not a
-terminal, all of stdin is one message and the reply is printed (for scripts); ``interactive=true`` reads a
-conversation line by line from a pipe too.
+as :mod:`lmlab.chat_format` says: the tokenizer's chat template, when a pretrained tokenizer brought one and
+``template=auto``, else the plain ``User: <message>`` / ``Assistant: <reply>`` lines (the prefixes are
+``user_prefix`` and ``assistant_prefix``), the format instruction tuning trains on. A reply ends at the
+model's end-of-text token, or where the format ends a reply (the next user turn, the template's end-of-turn
+token). The history is kept within the model's context: the oldest exchanges are left out once the
+conversation and a full reply would not fit. ``/reset`` forgets the history, ``/exit`` (or end of input)
+quits. With stdin not a terminal, all of stdin is one message and the reply is printed (for scripts);
+``interactive=true`` reads a conversation line by line from a pipe too.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import torch
 from omegaconf import DictConfig
 
+from lmlab.chat_format import ChatFormat
 from lmlab.checkpoint import load_language_model
 from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
@@ -29,30 +30,24 @@ from lmlab.runtime import user_errors
 from lmlab.textio import read_input_text
 
 COMMANDS = {"/reset": "forget the conversation so far", "/exit": "quit"}
-#: ``template``: the tokenizer's chat template when it has one (else plain), or always the plain one
-TEMPLATES = ("auto", "plain")
 
 
 class Conversation:
-    """The turns so far, as the model reads them, and the sampling of each reply."""
+    """The turns so far (messages ``{"role": ..., "content": ...}``), and the sampling of each reply."""
 
     def __init__(
         self, model: LanguageModel, user_prefix: str, assistant_prefix: str, template: str = "auto", **sampling: Any
     ) -> None:
         if model.tokenizer is None:
             raise ConfigError("This checkpoint holds no tokenizer, so it cannot read messages.")
-        if template not in TEMPLATES:
-            raise ConfigError(f"template={template!r}: pick one of {', '.join(TEMPLATES)}.")
         self.model, self.tokenizer = model, model.tokenizer
-        self.user_prefix, self.assistant_prefix = user_prefix, assistant_prefix
-        source = getattr(self.tokenizer, "chat_template", None) if template == "auto" else None
-        self.chat_template = _compiled(source) if source is not None else None
+        self.format = ChatFormat.for_tokenizer(self.tokenizer, template, user_prefix, assistant_prefix)
         self.max_new_tokens = int(sampling.pop("max_new_tokens"))
         seed = sampling.pop("seed")
         device = next(model.net.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.sampling = sampling
-        self.turns: list[str] = []
+        self.turns: list[dict[str, str]] = []
         #: exchanges left out of the last prompt to fit the context
         self.dropped = 0
 
@@ -63,27 +58,14 @@ class Conversation:
         """The conversation with ``message`` and the start of the reply, in as many of the latest turns as leave
         :meth:`reply_room` in the context (the end of ``message`` alone if even it does not)."""
         block = getattr(self.model.net, "block_size", None)
-        turns = [*self.turns, f"{self.user_prefix}{message}\n"]
+        turns = [*self.turns, {"role": "user", "content": message}]
         self.dropped = 0
         while True:
-            ids = self.tokenizer.encode(self.render(turns))
+            ids = self.tokenizer.encode(self.format.render(turns))
             if block is None or len(ids) + self.reply_room(block) <= block or len(turns) == 1:
                 break
             turns, self.dropped = turns[2:], self.dropped + 1
         return ids[-(block - self.reply_room(block)) :] if block is not None else ids
-
-    def render(self, turns: list[str]) -> str:
-        """The conversation of ``turns`` (alternately the user's and the assistant's, the user's last) as the
-        model reads it, up to where its reply starts."""
-        if self.chat_template is None:
-            return "".join(turns) + self.assistant_prefix.rstrip(" ")
-        prefixes = (self.user_prefix, self.assistant_prefix)
-        messages = [
-            {"role": ("user", "assistant")[i % 2], "content": turn.removeprefix(prefixes[i % 2]).rstrip("\n")}
-            for i, turn in enumerate(turns)
-        ]
-        specials = {"eos_token": getattr(self.tokenizer, "eos_token", None) or "", "bos_token": ""}
-        return self.chat_template.render(messages=messages, add_generation_prompt=True, **specials)
 
     def reply_room(self, block: int) -> int:
         """The context left for the reply: ``max_new_tokens``, at most half the context (a longer reply
@@ -93,8 +75,7 @@ class Conversation:
     def reply(self, message: str, out: TextIO) -> str:
         """Sample the reply to ``message``, writing it to ``out`` as it comes; it joins the history."""
         prompt = self.prompt_ids(message)
-        # a chat template ends a turn with a token of its own (the end-of-text one, for a model tuned on it)
-        stop = "\n" + self.user_prefix.strip() if self.chat_template is None else None
+        stop = self.format.reply_end()
         eos = self.tokenizer.eos_id
         new: list[int] = []
         shown = 0
@@ -138,21 +119,8 @@ class Conversation:
             out.write(text[shown:].lstrip(" ") if shown == 0 else text[shown:])
         out.write("\n")
         out.flush()
-        self.turns += [f"{self.user_prefix}{message}\n", f"{self.assistant_prefix}{answer}\n"]
+        self.turns += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
         return answer
-
-
-def _compiled(source: str) -> Any:
-    """A chat template compiled in Jinja's sandbox (templates come with downloaded tokenizers), with the
-    ``raise_exception`` helper Hugging Face templates call."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ConfigError(f"The tokenizer's chat template refuses the conversation: {message}")
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
-    return environment.from_string(source)
 
 
 def _safe_length(text: str, stop: str | None) -> int:

@@ -89,7 +89,7 @@ def check_task_data(cfg: DictConfig) -> None:
     if not isinstance(wanted, type) or not isinstance(given, type) or issubclass(given, wanted):
         return
     task_target, data_target = OmegaConf.select(cfg, "task.module._target_"), OmegaConf.select(cfg, "data._target_")
-    options = [name for name, target in data_options().items() if target == f"{wanted.__module__}.{wanted.__name__}"]
+    options = [name for name, target in data_options().items() if _is_subclass_of(target, wanted)]
     raise ConfigError(
         f"data={_choice('data') or data_target} is data for another task: task={_choice('task') or task_target} "
         f"reads {wanted.__name__} data. Pick one of data={'|'.join(options)}."
@@ -138,6 +138,15 @@ def _located(cfg: DictConfig, key: str, attribute: str | None = None) -> Any:
         return locate(str(getattr(obj, attribute))) if attribute else obj
     except (ImportError, AttributeError):
         return None
+
+
+def _is_subclass_of(target: str, base: type) -> bool:
+    """Whether the class at the dotted path ``target`` subclasses ``base`` (not when it cannot be imported)."""
+    try:
+        obj = locate(target)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(obj, type) and issubclass(obj, base)
 
 
 def task_models(config_sources: Any = None) -> dict[str, list[str]]:

@@ -24,8 +24,8 @@ from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 #: the dotted path by which checkpoints name the language-model task (allowed without importing it)
 TASK = register_name("lmlab.tasks.lm.LanguageModelingTask", "task")
-#: the data module the task reads
-DATA_MODULE = register_name("lmlab.data.lm.LMDataModule", "data")
+#: the base class of the data modules the task reads (packed text, instruction pairs)
+DATA_MODULE = "lmlab.data.lm.LanguageModelData"
 #: the ``data_info`` keys the task builds its network from
 NETWORK_INPUTS = ("vocab_size", "block_size", "eos_id")
 #: the keywords the task's constructor takes: a checkpoint's hyperparameters are some of these

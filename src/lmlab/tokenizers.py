@@ -152,7 +152,7 @@ class HFTokenizer(Tokenizer):
         self.kind = kind
         self.eos_token, self.pad_token, self.unk_token = eos_token, pad_token, unk_token
         self.source = source
-        #: a pretrained tokenizer's Jinja template for conversations (its tokenizer_config.json's), if any
+        #: a pretrained tokenizer's Jinja template for conversations (saved with it), if any
         self.chat_template = chat_template
         self.eos_id = self._special_id(eos_token)
         self.pad_id = self._special_id(pad_token)
@@ -360,15 +360,39 @@ def load_pretrained(
     # padding and truncation are decided per batch by the data modules, not fixed in the file
     backend.no_padding()
     backend.no_truncation()
-    template = chat_template_beside(file.parent) if looks_local else None
+    template = chat_template_beside(file.parent) if looks_local else hub_chat_template(name_or_path)
     return HFTokenizer(backend, "pretrained", eos_token, pad_token, unk_token, name_or_path, template)
 
 
+#: where a pretrained tokenizer keeps its chat template: a file of its own (as ``transformers`` now saves it),
+#: or a key of its ``tokenizer_config.json`` (as it did before)
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "tokenizer_config.json")
+
+
 def chat_template_beside(folder: Path) -> str | None:
-    """The chat template of the ``tokenizer_config.json`` in ``folder`` (its default one where it names
-    several), or ``None``."""
-    config_file = folder / "tokenizer_config.json"
-    if not config_file.is_file():
+    """The chat template saved in ``folder`` (the default one where it names several), or ``None``."""
+    return _chat_template({name: folder / name for name in CHAT_TEMPLATE_FILES})
+
+
+def hub_chat_template(name: str) -> str | None:
+    """The chat template of a hub tokenizer (downloaded once, then read from the hub's cache), or ``None``
+    when it has none or cannot be reached."""
+    from huggingface_hub import hf_hub_download
+
+    files: dict[str, Path] = {}
+    for file in CHAT_TEMPLATE_FILES:
+        try:
+            files[file] = Path(hf_hub_download(name, file))
+        except Exception:  # absent, or offline and not cached: the hub client raises many kinds of errors
+            continue
+    return _chat_template(files)
+
+
+def _chat_template(files: dict[str, Path]) -> str | None:
+    jinja, config_file = (files.get(name) for name in CHAT_TEMPLATE_FILES)
+    if jinja is not None and jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    if config_file is None or not config_file.is_file():
         return None
     try:
         template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")

@@ -108,7 +108,11 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
         "eval_batch_size": POSITIVE_INT,
         "num_workers": COUNT,
     },
-    "lmlab.data.lm.LMDataModule": {"block_size": POSITIVE_INT},
+    "lmlab.data.lm.LanguageModelData": {"block_size": POSITIVE_INT},
+    "lmlab.data.instructions.InstructionDataModule": {
+        "max_prompt_length": POSITIVE_INT,
+        "bucket_batches": POSITIVE_INT,
+    },
     "lmlab.data.classification.ClassificationDataModule": {"max_length": POSITIVE_INT, "bucket_batches": POSITIVE_INT},
     "lmlab.data.translation.TranslationDataModule": {
         "max_source_length": Range(int, ge=2),

@@ -91,15 +91,17 @@ class BlockBatches(BatchSampler):
         self.sampler.resume_at(epoch, batches_done * self.batch_size)  # type: ignore[attr-defined]
 
 
-@register("data")
-class LMDataModule(TaskDataModule):
-    """Tokenizes a :class:`TextSource` once (cached) and serves packed blocks."""
+class LanguageModelData(TaskDataModule):
+    """What every language-modeling data module shares: sequences of at most ``block_size`` input tokens,
+    batches ``(x, y)`` of inputs and next-token targets, and the :class:`LMDataInfo` the task builds its
+    network from. Each split's meta data records ``chars`` and ``tokens``, the text and the tokens scored,
+    for bits per character."""
 
     info_type = LMDataInfo
 
     def __init__(
         self,
-        source: TextSource,
+        source: Any,
         tokenizer: TokenizerBuilder | Tokenizer,
         block_size: int = 128,
         **loading: Any,
@@ -108,6 +110,28 @@ class LMDataModule(TaskDataModule):
         if block_size < 1:
             raise DataError(f"data.block_size must be positive, got {block_size}.")
         self.block_size = block_size
+
+    @property
+    def data_info(self) -> LMDataInfo:
+        """Values the data decides, handed to the task to build its network."""
+        assert self.tokenizer is not None, "call setup() first"
+        return LMDataInfo(
+            vocab_size=self.tokenizer.vocab_size,
+            pad_id=self.tokenizer.pad_id,
+            eos_id=self.tokenizer.eos_id,
+            block_size=self.block_size,
+            chars_per_token=self.chars_per_token(),
+        )
+
+    def chars_per_token(self) -> dict[str, float]:
+        return {s: i["chars"] / max(i["tokens"], 1) for s, i in self.meta.get("splits", {}).items()}
+
+
+@register("data")
+class LMDataModule(LanguageModelData):
+    """Tokenizes a :class:`TextSource` once (cached) and serves packed blocks."""
+
+    source: TextSource
 
     # -- building the cache ---------------------------------------------------------------
     def cache_parts(self) -> dict[str, Any]:
@@ -136,21 +160,6 @@ class LMDataModule(TaskDataModule):
                 f"({2 * self.block_size}). Lower data.block_size or add text."
             )
         return TokenBlocks(folder / f"{name}.npy", self.block_size) if tokens >= self.block_size + 1 else None
-
-    @property
-    def data_info(self) -> LMDataInfo:
-        """Values the data decides, handed to the task to build its network."""
-        assert self.tokenizer is not None, "call setup() first"
-        return LMDataInfo(
-            vocab_size=self.tokenizer.vocab_size,
-            pad_id=self.tokenizer.pad_id,
-            eos_id=self.tokenizer.eos_id,
-            block_size=self.block_size,
-            chars_per_token=self.chars_per_token(),
-        )
-
-    def chars_per_token(self) -> dict[str, float]:
-        return {s: i["chars"] / max(i["tokens"], 1) for s, i in self.meta.get("splits", {}).items()}
 
     def train_sampler(self, data: TokenBlocks, rank: int, world: int) -> BlockBatches:
         return BlockBatches(EpochBlockSampler(len(data), self.block_size, self.seed, rank, world), self.batch_size)

@@ -32,6 +32,8 @@ from lmlab.registry import register
 
 log = logging.getLogger("lmlab")
 
+#: the local-files data option of each task that reads tables, by a column role only that task reads
+_LOCAL_OPTIONS = {"src": "translation_files", "prompt": "instructions"}
 #: the names the translation sides had before ``src`` and ``tgt``; configs and checkpoints that use them still read
 _FORMER_SIDES = {"source": "src", "target": "tgt"}
 
@@ -66,7 +68,8 @@ class TableSource:
                 f"data.source.val_fraction + test_fraction must leave training rows, got "
                 f"{val_fraction} + {test_fraction}."
             )
-        self.columns = dict(columns)
+        # a role mapped to no column (null) is one the data does not have
+        self.columns = {role: column for role, column in columns.items() if column is not None}
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
 
     def load_splits(self, splits: Collection[str] | None = None) -> dict[str, SplitTable]:
@@ -215,8 +218,7 @@ class HubTable(TableSource):
             self.revision,
             data_files=self.data_files,
             offline_hint=(
-                f"Use data={'translation_files' if 'src' in self.columns else 'labeled_files'} with "
-                "data.source.train_files=<local json/jsonl/csv/parquet files>."
+                f"Use data={self._local_option()} with data.source.train_files=<local json/jsonl/csv/parquet files>."
             ),
         )
         out: dict[str, SplitTable] = {}
@@ -230,6 +232,10 @@ class HubTable(TableSource):
                 {r: table[c] for r, c in self.columns.items()}, where, _class_names(table.features, self.columns)
             )
         return out
+
+    def _local_option(self) -> str:
+        """The data option that reads such a table from local files, told by a role only its task reads."""
+        return next((option for role, option in _LOCAL_OPTIONS.items() if role in self.columns), "labeled_files")
 
     def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         return {

@@ -92,7 +92,7 @@ class TaskModule(L.LightningModule):
         """The metrics of one evaluation stage besides the loss (a fresh collection per stage)."""
         return MetricCollection({})
 
-    def eval_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, int]:
+    def eval_step(self, batch: Any, stage: str) -> tuple[torch.Tensor, int | torch.Tensor]:
         """The batch's mean loss and how many items it averages over; updates ``self.scores[stage]``."""
         raise NotImplementedError
 

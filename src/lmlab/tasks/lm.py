@@ -1,4 +1,7 @@
-"""Language modeling: next-token cross-entropy, perplexity and bits per character, and sampling."""
+"""Language modeling: next-token cross-entropy, perplexity and bits per character, and sampling.
+
+The loss averages over the targets that carry one: every target of packed text, the response tokens of
+instruction data (the others are :data:`~lmlab.data.instructions.NO_LOSS`)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.data.info import LMDataInfo
+from lmlab.data.instructions import NO_LOSS
 from lmlab.language_model import DATA_MODULE, NETWORK_INPUTS, LanguageModel
 from lmlab.registry import register
 from lmlab.tasks.base import TaskModule
@@ -34,7 +38,7 @@ class LanguageModelingTask(TaskModule):
     def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=NO_LOSS)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -42,8 +46,9 @@ class LanguageModelingTask(TaskModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, int]:
-        return self._loss(batch), batch[1].numel()
+    def eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # weighted by the targets scored, counted on the device (no sync)
+        return self._loss(batch), (batch[1] != NO_LOSS).sum()
 
     def epoch_metrics(self, stage: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         metrics = {f"{stage}/ppl": torch.exp(loss)}
