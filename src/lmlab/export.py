@@ -1,4 +1,4 @@
-"""``lmlab-export ckpt_path=... out=DIR``: a language model's checkpoint as a Hugging Face folder.
+"""``lmlab-export ckpt_path=... out=DIR``: a trained model's checkpoint as a Hugging Face folder.
 
 ``transformers`` loads the folder with ``AutoModelForCausalLM.from_pretrained(DIR)`` (a fine-tuned
 encoder-decoder, ``model=hf_seq2seq``: ``AutoModelForSeq2SeqLM``) and ``AutoTokenizer.from_pretrained(DIR)``:
@@ -8,7 +8,10 @@ safetensors weights, the architecture's config, the generation config, the token
 lmlab's GPT maps onto two architectures, by its part choices: LayerNorm, GELU MLP and learned positions
 are GPT-2's (``GPT2LMHeadModel``); RMSNorm, SwiGLU and rotary positions are Llama's (``LlamaForCausalLM``,
 grouped-query attention included). A fine-tuned pretrained model (``model=hf_causal_lm``, ``hf_seq2seq``)
-is written as the architecture it is, LoRA adapters merged. Other combinations, and the recurrent models,
+is written as the architecture it is, LoRA adapters merged. A fine-tuned encoder classifier (``model=hf_encoder``)
+is written as its encoder (``AutoModel``, adapters merged, the labels in its config) and its head
+(``classifier.safetensors``): ``transformers``' classification heads pool differently, so the model card shows
+the few lines that compute the logits. Other combinations, and the recurrent models,
 have no equivalent and are refused with what would map. The export checks itself: the exported model's
 logits must equal lmlab's on the same ids (``check_atol``), and the exported tokenizer must give lmlab's ids,
 before the folder is left in place.
@@ -16,6 +19,7 @@ before the folder is left in place.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -30,6 +34,7 @@ from torch import nn
 from lmlab.checkpoint import load_language_model
 from lmlab.config import validate_config
 from lmlab.errors import ConfigError, ExportError
+from lmlab.models.classifiers import HFEncoderClassifier
 from lmlab.models.gpt import GPT
 from lmlab.models.hf_causal_lm import PretrainedCausalLM
 from lmlab.models.lora import merged
@@ -39,6 +44,9 @@ from lmlab.runtime import user_errors
 from lmlab.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger("lmlab")
+
+#: the file of an exported classifier's head (its linear layer's weight and bias)
+HEAD = "classifier.safetensors"
 
 #: the part choices of GPT that each Hugging Face architecture has
 FAMILIES = {
@@ -259,11 +267,62 @@ def sample_text(tokenizer: Tokenizer, n: int) -> str:
 
 def auto_class(folder: Path) -> str:
     """The ``transformers`` class that loads the exported ``folder``."""
-    encoder_decoder = json.loads((folder / "config.json").read_text()).get("is_encoder_decoder", False)
-    return "AutoModelForSeq2SeqLM" if encoder_decoder else "AutoModelForCausalLM"
+    config = json.loads((folder / "config.json").read_text())
+    if "lmlab_classifier" in config:
+        return "AutoModel"
+    return "AutoModelForSeq2SeqLM" if config.get("is_encoder_decoder", False) else "AutoModelForCausalLM"
 
 
-def model_card(ckpt_path: Path, family: str, run_config: Mapping[str, Any], check: Mapping[str, Any], auto: str) -> str:
+# -- pretrained encoder classifiers ----------------------------------------------------------------------
+def classifier_encoder(net: HFEncoderClassifier, labels: list[str]) -> Any:
+    """The classifier's encoder, adapters folded in, its config naming the labels and how the head reads it (the
+    head itself is :data:`HEAD`: ``transformers``' own classification heads pool differently)."""
+    encoder = merged(net.encoder)
+    encoder.config.id2label = dict(enumerate(labels))
+    encoder.config.label2id = {label: i for i, label in enumerate(labels)}
+    encoder.config.lmlab_classifier = {"pooling": net.pooling, "head": HEAD}
+    return encoder
+
+
+def reloaded_classifier(net: HFEncoderClassifier, encoder: nn.Module, folder: Path) -> HFEncoderClassifier:
+    """``net`` rebuilt from what ``folder`` holds: the exported encoder and head."""
+    from safetensors.torch import load_file
+
+    reloaded = copy.deepcopy(net)
+    reloaded.encoder = encoder
+    reloaded.head.load_state_dict(load_file(folder / HEAD))
+    return reloaded.eval()
+
+
+def classifier_usage(pooling: str) -> list[str]:
+    """How a user computes the classifier's logits from the exported folder."""
+    pooled = (
+        "pooled = hidden[:, 0]"
+        if pooling == "cls"
+        else 'mask = batch["attention_mask"].unsqueeze(-1)\npooled = (hidden * mask).sum(1) / mask.sum(1)'
+    )
+    return [
+        "from safetensors.torch import load_file",
+        "from transformers import AutoModel, AutoTokenizer",
+        'encoder = AutoModel.from_pretrained("<this folder>")',
+        'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+        f'head = load_file("<this folder>/{HEAD}")',
+        'batch = tokenizer(["a text to classify"], return_tensors="pt")',
+        "hidden = encoder(**batch).last_hidden_state",
+        *pooled.splitlines(),
+        'logits = pooled @ head["weight"].T + head["bias"]',
+        "label = encoder.config.id2label[int(logits.argmax(-1))]",
+    ]
+
+
+def model_card(
+    ckpt_path: Path,
+    family: str,
+    run_config: Mapping[str, Any],
+    check: Mapping[str, Any],
+    auto: str,
+    usage: list[str] | None = None,
+) -> str:
     """``README.md`` of the folder: how to load it, and the run's command, metrics, data and config (from
     the run folder's ``metrics.json`` when the checkpoint is still in it)."""
     import yaml
@@ -281,14 +340,19 @@ def model_card(ckpt_path: Path, family: str, run_config: Mapping[str, Any], chec
     lines = [
         "---",
         "library_name: transformers",
-        f"tags: [lmlab, {'text2text-generation' if 'Seq2Seq' in auto else 'text-generation'}]",
+        f"tags: [lmlab, {_pipeline_tag(auto)}]",
         "---",
-        f"# {family} language model trained with lmlab",
+        f"# {family} {'text classifier' if usage else 'language model'} trained with lmlab",
         "",
         "```python",
-        f"from transformers import {auto}, AutoTokenizer",
-        f'model = {auto}.from_pretrained("<this folder>")',
-        'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+        *(
+            usage
+            or [
+                f"from transformers import {auto}, AutoTokenizer",
+                f'model = {auto}.from_pretrained("<this folder>")',
+                'tokenizer = AutoTokenizer.from_pretrained("<this folder>")',
+            ]
+        ),
         "```",
         "",
         f"Exported from `{ckpt_path.name}` by `lmlab-export`; on the same ids the exported model's logits differ "
@@ -323,6 +387,12 @@ def model_card(ckpt_path: Path, family: str, run_config: Mapping[str, Any], chec
     return "\n".join(lines)
 
 
+def _pipeline_tag(auto: str) -> str:
+    return {"AutoModel": "text-classification", "AutoModelForSeq2SeqLM": "text2text-generation"}.get(
+        auto, "text-generation"
+    )
+
+
 def export(cfg: DictConfig) -> Path:
     """Write ``cfg.ckpt_path``'s model as a Hugging Face folder at ``cfg.out``, checked against lmlab."""
     validate_config(cfg, schema=None)
@@ -335,15 +405,19 @@ def export(cfg: DictConfig) -> Path:
         raise ConfigError(f"out: '{out}' is not empty. Pick another folder, or set overwrite=true to replace it.")
     model, run_config = load_language_model(ckpt_path)
     net, tokenizer = getattr(model, "net", None), getattr(model, "tokenizer", None)
+    if callable(getattr(net, "unwrapped", None)):
+        net = net.unwrapped()  # started from another lmlab checkpoint: that network, its adapters folded in
     if isinstance(net, PretrainedSeq2Seq):
         tokenizer = getattr(tokenizer, "source", tokenizer)  # hf_seq2seq reads both sides with one vocabulary
         hf, family, context = merged(net.model), str(net.model.config.model_type), net.max_target_positions or 512
+    elif isinstance(net, HFEncoderClassifier):
+        hf, family, context = classifier_encoder(net, model.info["labels"]), str(net.encoder.config.model_type), 512
     elif hasattr(model, "generate_text") and net is not None:
         (hf, family), context = hf_model(net, tokenizer), net.block_size
     else:
         raise ExportError(
-            f"'{ckpt_path}' is a {type(net).__name__} checkpoint: lmlab-export writes language models and "
-            "pretrained encoder-decoders (model=hf_seq2seq)."
+            f"'{ckpt_path}' is a {type(net).__name__} checkpoint: lmlab-export writes language models, "
+            "pretrained encoder-decoders (model=hf_seq2seq) and pretrained encoder classifiers (model=hf_encoder)."
         )
     if tokenizer is None:
         raise ExportError(f"'{ckpt_path}' holds no tokenizer, so its folder could not encode text.")
@@ -353,10 +427,16 @@ def export(cfg: DictConfig) -> Path:
     staging.mkdir(parents=True)
     try:
         hf.save_pretrained(staging, safe_serialization=True)
+        if isinstance(net, HFEncoderClassifier):
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().float().contiguous() for k, v in net.head.state_dict().items()}, staging / HEAD)
         write_tokenizer(tokenizer, staging, context)
         ids = check_tokenizer(tokenizer, staging)
         check = check_logits(net, staging, ids[:context] or [0], float(cfg.check_atol))
-        (staging / "README.md").write_text(model_card(ckpt_path, family, run_config, check, auto_class(staging)))
+        usage = classifier_usage(net.pooling) if isinstance(net, HFEncoderClassifier) else None
+        card = model_card(ckpt_path, family, run_config, check, auto_class(staging), usage)
+        (staging / "README.md").write_text(card)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -389,13 +469,17 @@ def check_logits(net: nn.Module, folder: Path, ids: list[int], atol: float) -> d
     import transformers
 
     seq2seq = isinstance(net, PretrainedSeq2Seq)
-    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    auto = getattr(transformers, auto_class(folder))
     hf = auto.from_pretrained(folder, dtype=torch.float32).eval()
     batch = torch.tensor([ids])
     was_training = net.training
     net.eval()
     with torch.no_grad():
-        if seq2seq:
+        if isinstance(net, HFEncoderClassifier):
+            lengths = torch.tensor([len(ids)])
+            expected = net.float()(batch, lengths)
+            got = reloaded_classifier(net, hf, folder)(batch, lengths)
+        elif seq2seq:
             expected = net.float()(batch, torch.tensor([len(ids)]), batch)
             start = torch.full_like(batch[:, :1], net.start_id)  # how the network begins every target
             got = hf(input_ids=batch, decoder_input_ids=torch.cat([start, batch[:, 1:]], dim=1)).logits

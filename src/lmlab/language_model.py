@@ -18,6 +18,7 @@ from torch import nn
 from lmlab.data.info import LMDataInfo
 from lmlab.errors import TokenizerError
 from lmlab.generation import generate
+from lmlab.models.lora import load_adapted
 from lmlab.registry import register_name
 from lmlab.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
@@ -26,8 +27,13 @@ from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 TASK = register_name("lmlab.tasks.lm.LanguageModelingTask", "task")
 #: the base class of the data modules the task reads (packed text, instruction pairs)
 DATA_MODULE = "lmlab.data.lm.LanguageModelData"
+#: those data modules, which its checkpoints' configs name (allowed without importing them)
+DATA_MODULES = tuple(
+    register_name(path, "data")
+    for path in ("lmlab.data.lm.LMDataModule", "lmlab.data.instructions.InstructionDataModule")
+)
 #: the ``data_info`` keys the task builds its network from
-NETWORK_INPUTS = ("vocab_size", "block_size", "eos_id")
+NETWORK_INPUTS = ("vocab_size", "block_size", "eos_id", "tokenizer_fingerprint")
 #: the keywords the task's constructor takes: a checkpoint's hyperparameters are some of these
 TASK_KEYWORDS = frozenset(
     {
@@ -62,13 +68,20 @@ class LanguageModel:
 
     @classmethod
     def from_task_state(
-        cls, hyper: Mapping[str, Any], tokenizer_state: dict[str, Any] | None, state_dict: Mapping[str, Any]
+        cls,
+        hyper: Mapping[str, Any],
+        tokenizer_state: dict[str, Any] | None,
+        state_dict: Mapping[str, Any],
+        base_left_out: dict[str, Any] | None = None,
     ) -> LanguageModel:
         """What a language-model task built from these hyperparameters, tokenizer and weights holds, built in
-        the task's order (the tokenizer, then the network) so a bad checkpoint fails the same way."""
+        the task's order (the tokenizer, then the network) so a bad checkpoint fails the same way.
+        ``base_left_out``: the record of a LoRA checkpoint that left the pretrained weights out."""
         tokenizer = tokenizer_from_state(tokenizer_state) if tokenizer_state else None
-        net = build_network(hyper["model"], LMDataInfo.from_dict(hyper["data_info"]), NETWORK_INPUTS)
-        _task_layout(net, bool(hyper.get("compile", False))).load_state_dict(state_dict)
+        model = hyper["model"]
+        net = build_network(model, LMDataInfo.from_dict(hyper["data_info"]), NETWORK_INPUTS)
+        layout = _task_layout(net, bool(hyper.get("compile", False)))
+        load_adapted(layout, dict(state_dict), base_left_out, str(model.get("name_or_path")))
         return cls(net, tokenizer)
 
     def to(self, device: str | torch.device) -> LanguageModel:

@@ -71,6 +71,8 @@ class LMDataInfo(DataInfo):
     eos_id: int | None = None
     #: characters per token of each split, for bits per character
     chars_per_token: dict[str, float] = field(default_factory=dict)
+    #: the tokenizer's fingerprint, which a network started from a checkpoint checks is its own
+    tokenizer_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -155,16 +155,15 @@ class InstructionDataModule(LanguageModelData):
         end = self.reply_end(chat, tokenizer)
         counts = {"prompt_cut": 0, "response_cut": 0, "skipped": 0}
         rows, prompt_lengths, chars = [], [], 0
-        for (_, reply), whole_prompt, whole_response in zip(texts, prompts, responses, strict=True):
+        for whole_prompt, whole_response in zip(prompts, responses, strict=True):
             fitted = self.fit(whole_prompt, whole_response + end, counts)
             if fitted is None:
                 continue
             prompt, response = fitted
             rows.append(prompt + response)
             prompt_lengths.append(len(prompt))
-            # bits per character divide by the characters scored: the reply's, or what is left of it
-            cut = len(response) < len(whole_response) + len(end)
-            chars += len(tokenizer.decode(response)) if cut else len(reply)
+            # bits per character divide by the characters of the text scored (the end-of-text token is none)
+            chars += len(tokenizer.decode([t for t in response if t != tokenizer.eos_id]))
         if not rows:
             raise DataError(
                 f"Every example of the {name} split is longer than data.block_size+1={self.block_size + 1} tokens "

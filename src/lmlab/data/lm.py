@@ -121,6 +121,7 @@ class LanguageModelData(TaskDataModule):
             eos_id=self.tokenizer.eos_id,
             block_size=self.block_size,
             chars_per_token=self.chars_per_token(),
+            tokenizer_fingerprint=self.tokenizer.fingerprint(),
         )
 
     def chars_per_token(self) -> dict[str, float]:

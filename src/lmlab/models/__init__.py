@@ -10,6 +10,7 @@ A constructor's defaults are the values of its ``conf/model/*.yaml``, or absent 
 
 from lmlab.models.base import ClassifierNetwork, LanguageModelNetwork, Seq2SeqNetwork
 from lmlab.models.classifiers import BagOfNGrams, HFEncoderClassifier, RNNClassifier, TextCNN, TransformerClassifier
+from lmlab.models.from_checkpoint import CheckpointLM
 from lmlab.models.gpt import GPT
 from lmlab.models.hf_causal_lm import PretrainedCausalLM
 from lmlab.models.rnn import RecurrentLM
@@ -17,6 +18,7 @@ from lmlab.models.rnn import RecurrentLM
 __all__ = [
     "GPT",
     "BagOfNGrams",
+    "CheckpointLM",
     "ClassifierNetwork",
     "HFEncoderClassifier",
     "LanguageModelNetwork",

@@ -15,7 +15,7 @@ from lmlab.errors import ConfigError
 from lmlab.models.base import ClassifierNetwork
 from lmlab.models.choices import choice
 from lmlab.models.embeddings import embedding_settings, make_embedding
-from lmlab.models.lora import with_lora
+from lmlab.models.lora import leaves_base_out, with_lora
 from lmlab.models.positions import Position, sinusoidal_positions
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import RecurrentEncoder
@@ -255,14 +255,16 @@ class HFEncoderClassifier(ClassifierNetwork):
         self.pooling = choice("model.pooling", pooling, ("cls", "mean"))
         encoder = load_pretrained_model("AutoModel", name_or_path, "hf_encoder", hf_config)
         self.encoder = with_lora(encoder, lora, "hf_encoder")
+        #: its checkpoints leave the frozen pretrained weights out (:mod:`lmlab.models.lora`)
+        self.base_left_out = leaves_base_out(lora)
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:  # adapters too: the encoder is a fixed feature extractor
             self.encoder.requires_grad_(False)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.config.hidden_size, num_classes)
 
-    def checkpoint_hf_config(self) -> dict[str, Any]:
-        return saved_config(self.encoder)
+    def checkpoint_hf_config(self) -> dict[str, Any] | None:
+        return None if self.base_left_out else saved_config(self.encoder)
 
     def train(self, mode: bool = True) -> HFEncoderClassifier:
         """A frozen encoder stays in eval mode: its dropout would only add noise to fixed features."""

@@ -9,7 +9,7 @@ import torch
 
 from lmlab.errors import ConfigError
 from lmlab.models.base import LanguageModelNetwork
-from lmlab.models.lora import with_lora
+from lmlab.models.lora import leaves_base_out, with_lora
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.registry import register
 
@@ -41,6 +41,8 @@ class PretrainedCausalLM(LanguageModelNetwork):
         super().__init__()
         model = load_pretrained_model("AutoModelForCausalLM", name_or_path, "hf_causal_lm", hf_config, dropout)
         self.model = with_lora(model, lora, "hf_causal_lm")
+        #: its checkpoints leave the frozen pretrained weights out (:mod:`lmlab.models.lora`)
+        self.base_left_out = leaves_base_out(lora)
         config = self.model.config
         fix = (
             f"Use the model's own tokenizer: tokenizer=pretrained tokenizer.name_or_path={name_or_path} with its "
@@ -63,8 +65,8 @@ class PretrainedCausalLM(LanguageModelNetwork):
             )
         self.vocab_size, self.block_size = vocab_size, block_size
 
-    def checkpoint_hf_config(self) -> dict[str, Any]:
-        return saved_config(self.model)
+    def checkpoint_hf_config(self) -> dict[str, Any] | None:
+        return None if self.base_left_out else saved_config(self.model)
 
     def forward(
         self, idx: torch.Tensor, state: Any = None, return_state: bool = False

@@ -4,6 +4,11 @@ frozen and each target layer learns a low-rank update ``B A`` (rank ``r``, scale
 ``model.lora`` of a pretrained model's config holds the settings; ``r: 0`` (the default) fine-tunes the whole
 model instead. ``target_modules: null`` takes ``peft``'s default layers for the architecture (the query and
 value projections of Llama, Qwen2, BERT and T5; GPT-2's fused ``c_attn``).
+
+A LoRA run's checkpoints hold what training changed (the adapters, a new head) and leave the frozen pretrained
+weights out, with a checksum of them: loading one reads those weights from ``model.name_or_path`` again and
+checks they are the ones the adapters were trained on. ``save_base_weights: true`` keeps the whole model in
+every checkpoint instead, so it loads without the pretrained model.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
-from lmlab.errors import ConfigError
+from lmlab.errors import CheckpointMismatchError, ConfigError
 
 #: ``model.lora`` keys and their meaning, for the messages
-SETTINGS = ("r", "alpha", "dropout", "target_modules")
+SETTINGS = ("r", "alpha", "dropout", "target_modules", "save_base_weights")
+#: how far a checksum of the pretrained weights may drift (float64 sums in another order, on another device)
+CHECKSUM_RTOL = 1e-6
 
 
 def with_lora(model: nn.Module, lora: Mapping[str, Any] | None, option: str) -> nn.Module:
@@ -72,3 +80,64 @@ def merged(model: nn.Module) -> nn.Module:
     model again; ``model`` itself when it has none."""
     merge = getattr(model, "merge_and_unload", None)
     return merge() if callable(merge) else model
+
+
+def leaves_base_out(lora: Mapping[str, Any] | None) -> bool:
+    """Whether checkpoints of a network adapted with these settings leave its frozen pretrained weights out."""
+    return bool(lora) and bool(int(lora.get("r") or 0)) and not lora.get("save_base_weights", False)
+
+
+# -- checkpoints that leave the pretrained weights out ---------------------------------------------------
+def frozen_keys(module: nn.Module) -> list[str]:
+    """The state keys of ``module``'s frozen parameters (every name of a tensor the state lists twice)."""
+    return [key for key, value in module.state_dict(keep_vars=True).items() if _frozen(value)]
+
+
+def _frozen(value: torch.Tensor) -> bool:
+    return isinstance(value, nn.Parameter) and not value.requires_grad
+
+
+def _checksum(module: nn.Module) -> float:
+    frozen = {id(p): p for p in module.parameters() if not p.requires_grad}
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum().item() for p in frozen.values()))
+
+
+def leave_out_frozen(state_dict: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """Remove ``module``'s frozen weights from its ``state_dict`` (as a checkpoint stores it); returns the record
+    a checkpoint keeps to check the weights it is loaded onto."""
+    keys = frozen_keys(module)
+    for key in keys:
+        state_dict.pop(key, None)
+    return {"tensors": len(keys), "checksum": _checksum(module)}
+
+
+def check_left_out(module: nn.Module, missing: list[str], record: dict[str, Any], source: str) -> None:
+    """A checkpoint that left the pretrained weights out (``record``) fits ``module``, whose frozen weights were
+    read from ``source``: what it lacks is exactly those weights, and they are the ones it was trained on."""
+    expected = set(frozen_keys(module))
+    others = sorted(set(missing) - expected)
+    if others:
+        raise CheckpointMismatchError(
+            f"The checkpoint lacks weights the network trains: {', '.join(others[:5])}. It was written for "
+            "another network."
+        )
+    stored, found = float(record["checksum"]), _checksum(module)
+    if abs(found - stored) > CHECKSUM_RTOL * max(abs(stored), 1.0):
+        raise CheckpointMismatchError(
+            f"The checkpoint holds LoRA adapters trained on other pretrained weights than those at '{source}' "
+            f"(checksum {found:.6g}, trained on {stored:.6g}). Point model.name_or_path at the model it was "
+            "trained from (the same revision)."
+        )
+
+
+def load_adapted(module: nn.Module, state_dict: dict[str, Any], record: dict[str, Any] | None, source: str) -> None:
+    """Load a checkpoint's weights into ``module``: strictly, or, for a checkpoint that left the pretrained weights
+    out (``record``), all but those, which ``module`` read from ``source``."""
+    if record is None:
+        module.load_state_dict(state_dict)
+        return
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    if unexpected:
+        raise CheckpointMismatchError(f"The checkpoint has weights the network lacks: {', '.join(unexpected[:5])}.")
+    check_left_out(module, missing, record, source)

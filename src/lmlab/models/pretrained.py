@@ -2,7 +2,8 @@
 
 A network that wraps one saves the model's Hugging Face config in lmlab checkpoints (``hf_config``), so a
 checkpoint loads without the hub or the original folder: the architecture is rebuilt from that config and
-the weights come from the checkpoint.
+the weights come from the checkpoint. A LoRA run's checkpoints, which leave the pretrained weights out, save no
+``hf_config``: loading one reads the model from its name or folder again (:mod:`lmlab.models.lora`).
 """
 
 from __future__ import annotations

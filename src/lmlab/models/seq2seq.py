@@ -14,7 +14,7 @@ from lmlab.models.attention import KV
 from lmlab.models.base import Memory, Seq2SeqNetwork, State
 from lmlab.models.choices import choice
 from lmlab.models.classifiers import valid_mask
-from lmlab.models.lora import with_lora
+from lmlab.models.lora import leaves_base_out, with_lora
 from lmlab.models.positions import Position, sinusoidal_positions
 from lmlab.models.pretrained import load_pretrained_model, saved_config
 from lmlab.models.recurrent import CELLS, RecurrentEncoder
@@ -346,6 +346,8 @@ class PretrainedSeq2Seq(Seq2SeqNetwork):
         super().__init__()
         model = load_pretrained_model("AutoModelForSeq2SeqLM", name_or_path, "hf_seq2seq", hf_config)
         self.model = with_lora(model, lora, "hf_seq2seq")
+        #: its checkpoints leave the frozen pretrained weights out (:mod:`lmlab.models.lora`)
+        self.base_left_out = leaves_base_out(lora)
         config = self.model.config
         rows = self.model.get_output_embeddings().weight.size(0)
         model_eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -370,8 +372,8 @@ class PretrainedSeq2Seq(Seq2SeqNetwork):
         self.tgt_vocab_size, self.src_pad_id, self.tgt_pad_id = tgt_vocab_size, src_pad_id, tgt_pad_id
         self.max_target_positions = getattr(config, "max_position_embeddings", None)
 
-    def checkpoint_hf_config(self) -> dict[str, Any]:
-        return saved_config(self.model)
+    def checkpoint_hf_config(self) -> dict[str, Any] | None:
+        return None if self.base_left_out else saved_config(self.model)
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> Memory:
         """The encoder's last hidden states ``(B, S, H)`` and the source mask ``(B, S)``."""

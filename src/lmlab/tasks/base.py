@@ -20,6 +20,7 @@ from lmlab import __version__
 from lmlab.config import locate
 from lmlab.data.info import DataInfo
 from lmlab.errors import NonFiniteLossError
+from lmlab.models.lora import check_left_out, leave_out_frozen
 from lmlab.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
@@ -195,13 +196,22 @@ class TaskModule(L.LightningModule):
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["rng_states"] = rng
         hyper = checkpoint.get("hyper_parameters")
-        if hyper is not None and callable(getattr(self.net, "checkpoint_hf_config", None)):
+        hf_config = self.net.checkpoint_hf_config() if hasattr(self.net, "checkpoint_hf_config") else None
+        if hyper is not None and hf_config is not None:
             # a pretrained network's architecture travels with its weights: the checkpoint loads offline
-            hyper["model"] = {**hyper["model"], "hf_config": self.net.checkpoint_hf_config()}
+            hyper["model"] = {**hyper["model"], "hf_config": hf_config}
+        if getattr(self.net, "base_left_out", False):
+            checkpoint["lmlab"]["base_left_out"] = leave_out_frozen(checkpoint["state_dict"], self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Applied at the first resumed batch: loader start-up between here and then draws random numbers.
         self._pending_rng = checkpoint.get("rng_states")
+        record = checkpoint.get("lmlab", {}).get("base_left_out")
+        if record is not None:
+            # resuming a LoRA run: the pretrained weights are this task's own, read from model.name_or_path
+            self.strict_loading = False
+            missing = sorted(set(self.state_dict()) - set(checkpoint["state_dict"]))
+            check_left_out(self, missing, record, str(self.hparams.model.get("name_or_path")))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:
