@@ -91,7 +91,8 @@ def test_adapters_are_refused_on_other_pretrained_weights(tuned: dict, tmp_path:
     torch.manual_seed(1)
     other = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(folder))
     other.save_pretrained(folder)
-    with pytest.raises(CheckpointMismatchError, match=f"trained on other pretrained weights than those at '{folder}'"):
+    message = f"trained on other pretrained weights than those of model.name_or_path='{folder}'"
+    with pytest.raises(CheckpointMismatchError, match=message):
         load_language_model(checkpoint)
 
 

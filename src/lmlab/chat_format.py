@@ -75,7 +75,8 @@ class ChatFormat:
         if not whole.startswith(before):
             raise ConfigError(
                 "The tokenizer's chat template does not write a conversation as its prompt followed by the reply, "
-                "so the reply's tokens cannot be told apart: use data.template=plain."
+                "so the reply's tokens cannot be told apart: use the plain template (data.template=plain; for "
+                "lmlab-chat, template=plain)."
             )
         return before, whole[len(before) :]
 

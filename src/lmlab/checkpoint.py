@@ -23,7 +23,7 @@ from lmlab import language_model, registry
 from lmlab.config import accepted_keys, locate
 from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, UnsafeCheckpointError
 from lmlab.language_model import LanguageModel
-from lmlab.models.lora import load_adapted
+from lmlab.models.lora import load_adapted, weights_source
 from lmlab.registry import register
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
@@ -179,7 +179,7 @@ def _build_task(
         # the optimizer and schedule are for training: a loaded task never builds them
         built = {**hyper, "optimizer": None, "scheduler": None}
         task = task_cls(**built, tokenizer_state=extras.get("tokenizer"), run_config=extras.get("config"))
-        load_adapted(task, ckpt["state_dict"], extras.get("base_left_out"), str(hyper["model"].get("name_or_path")))
+        load_adapted(task, ckpt["state_dict"], extras.get("base_left_out"), weights_source(hyper["model"]))
     return task.to(map_location), extras.get("config") or {}
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from lmlab.data.info import LMDataInfo
 from lmlab.errors import TokenizerError
 from lmlab.generation import generate
-from lmlab.models.lora import load_adapted
+from lmlab.models.lora import load_adapted, weights_source
 from lmlab.registry import register_name
 from lmlab.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
@@ -81,7 +81,7 @@ class LanguageModel:
         model = hyper["model"]
         net = build_network(model, LMDataInfo.from_dict(hyper["data_info"]), NETWORK_INPUTS)
         layout = _task_layout(net, bool(hyper.get("compile", False)))
-        load_adapted(layout, dict(state_dict), base_left_out, str(model.get("name_or_path")))
+        load_adapted(layout, dict(state_dict), base_left_out, weights_source(model))
         return cls(net, tokenizer)
 
     def to(self, device: str | torch.device) -> LanguageModel:

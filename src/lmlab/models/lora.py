@@ -114,7 +114,8 @@ def leave_out_frozen(state_dict: dict[str, Any], module: nn.Module) -> dict[str,
 
 def check_left_out(module: nn.Module, missing: list[str], record: dict[str, Any], source: str) -> None:
     """A checkpoint that left the pretrained weights out (``record``) fits ``module``, whose frozen weights were
-    read from ``source``: what it lacks is exactly those weights, and they are the ones it was trained on."""
+    read from ``source`` (:func:`weights_source`): what it lacks is exactly those weights, and they are the ones
+    it was trained on."""
     expected = set(frozen_keys(module))
     others = sorted(set(missing) - expected)
     if others:
@@ -125,10 +126,16 @@ def check_left_out(module: nn.Module, missing: list[str], record: dict[str, Any]
     stored, found = float(record["checksum"]), _checksum(module)
     if abs(found - stored) > CHECKSUM_RTOL * max(abs(stored), 1.0):
         raise CheckpointMismatchError(
-            f"The checkpoint holds LoRA adapters trained on other pretrained weights than those at '{source}' "
-            f"(checksum {found:.6g}, trained on {stored:.6g}). Point model.name_or_path at the model it was "
-            "trained from (the same revision)."
+            f"The checkpoint holds LoRA adapters trained on other pretrained weights than those of {source} "
+            f"(checksum {found:.6g}, trained on {stored:.6g}). Point it at the model they were trained from (the "
+            "same revision)."
         )
+
+
+def weights_source(model: Mapping[str, Any]) -> str:
+    """Where a model config's pretrained weights come from, as a user sets it: ``model.name_or_path='gpt2'``."""
+    key = next((key for key in ("name_or_path", "ckpt_path") if model.get(key)), "name_or_path")
+    return f"model.{key}='{model.get(key)}'"
 
 
 def load_adapted(module: nn.Module, state_dict: dict[str, Any], record: dict[str, Any] | None, source: str) -> None:

@@ -20,7 +20,7 @@ from lmlab import __version__
 from lmlab.config import locate
 from lmlab.data.info import DataInfo
 from lmlab.errors import NonFiniteLossError
-from lmlab.models.lora import check_left_out, leave_out_frozen
+from lmlab.models.lora import check_left_out, leave_out_frozen, weights_source
 from lmlab.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
@@ -211,7 +211,7 @@ class TaskModule(L.LightningModule):
             # resuming a LoRA run: the pretrained weights are this task's own, read from model.name_or_path
             self.strict_loading = False
             missing = sorted(set(self.state_dict()) - set(checkpoint["state_dict"]))
-            check_left_out(self, missing, record, str(self.hparams.model.get("name_or_path")))
+            check_left_out(self, missing, record, weights_source(self.hparams.model))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._pending_rng is not None:
