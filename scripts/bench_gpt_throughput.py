@@ -7,6 +7,9 @@ measured on the same device in the same run (nanoGPT's estimate: 6N + 12·L·H·
 
 GPT-2 124M shape on a GPU:
     python scripts/bench_gpt_throughput.py --device cuda --precision bf16-mixed --compile
+nanoGPT's CPU configuration (Tiny Shakespeare characters), single-threaded:
+    OMP_NUM_THREADS=1 python scripts/bench_gpt_throughput.py --device cpu --precision 32-true --n-layer 4 \
+        --n-head 4 --n-embd 128 --block-size 64 --vocab-size 65 --batch-size 12 --steps 300 --warmup 20 --repeats 3
 A quick CPU check of the script itself:
     python scripts/bench_gpt_throughput.py --device cpu --precision 32-true --n-layer 2 --n-head 2 \
         --n-embd 64 --block-size 64 --vocab-size 512 --batch-size 4 --steps 10 --warmup 3
@@ -70,7 +73,10 @@ def plain_loop(args: argparse.Namespace, device: torch.device) -> float:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=6e-4, betas=(0.9, 0.95)
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=6e-4,
+        betas=(0.9, 0.95),
+        fused=True if device.type == "cuda" else None,  # as lmlab's optimizer=adamw (fused: null) chooses
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else nullcontext()
     start = None
@@ -110,7 +116,13 @@ def lightning_loop(args: argparse.Namespace, device: torch.device) -> float:
     task = LanguageModelingTask(
         model={"_target_": "lmlab.models.GPT", **model_kwargs(args)},
         data_info={"vocab_size": args.vocab_size, "block_size": args.block_size},
-        optimizer={"_target_": "torch.optim.AdamW", "lr": 6e-4, "betas": [0.9, 0.95], "weight_decay": 0.1},
+        optimizer={
+            "_target_": "torch.optim.AdamW",
+            "lr": 6e-4,
+            "betas": [0.9, 0.95],
+            "weight_decay": 0.1,
+            "fused": None,
+        },
         compile=args.compile,
     )
     timer = _StepTimer(args.warmup, device)
@@ -145,6 +157,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--matmul-n", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each loop, alternating; medians reported")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -157,7 +170,11 @@ def main() -> None:
     n_params = sum(p.numel() for p in probe.parameters())
     del probe
 
-    results = {"plain": plain_loop(args, device), "lmlab": lightning_loop(args, device)}
+    runs: dict[str, list[float]] = {"plain": [], "lmlab": []}
+    for _ in range(args.repeats):
+        runs["plain"].append(plain_loop(args, device))
+        runs["lmlab"].append(lightning_loop(args, device))
+    results = {name: sorted(rates)[len(rates) // 2] for name, rates in runs.items()}
     report = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -169,6 +186,7 @@ def main() -> None:
     }
     for name, tps in results.items():
         report[f"{name}_tokens_per_sec"] = tps
+        report[f"{name}_tokens_per_sec_runs"] = runs[name]
         report[f"{name}_mfu"] = tps * fpt / peak
     report["lmlab_over_plain"] = results["lmlab"] / results["plain"]
     print(json.dumps(report, indent=2))

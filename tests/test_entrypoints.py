@@ -291,6 +291,53 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(
     assert not (good.parent / "interrupted.ckpt").exists()
 
 
+def _tiny_task(**settings: Any) -> LanguageModelingTask:
+    model = {"_target_": "lmlab.models.GPT", "n_layer": 1, "n_head": 2, "n_embd": 16}
+    return LanguageModelingTask(model=model, data_info={"vocab_size": 13, "block_size": 8}, **settings)
+
+
+class _NoDeviceReads:
+    """Within it, a tensor read on the host (``.item()``, ``bool``, ``int``, ``float``) is an error: on a GPU each
+    is a sync that makes the step wait for the device."""
+
+    def __enter__(self) -> _NoDeviceReads:
+        self.saved = {name: getattr(torch.Tensor, name) for name in ("item", "__bool__", "__int__", "__float__")}
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("a tensor was read on the host")
+
+        for name in self.saved:
+            setattr(torch.Tensor, name, refuse)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_the_finite_check_reads_the_device_only_every_n_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = _tiny_task(finite_check_every_n_steps=4)
+    step = {"now": 0}
+    monkeypatch.setattr(LanguageModelingTask, "global_step", property(lambda self: step["now"]))
+    monkeypatch.setattr(LanguageModelingTask, "current_epoch", property(lambda self: 0))
+    monkeypatch.setattr(LanguageModelingTask, "trainer", property(lambda self: None))  # no checkpoint saved yet
+    losses = [torch.tensor(2.0), torch.tensor(float("nan")), torch.tensor(1.0)]
+    for step["now"], loss in enumerate(losses):
+        with _NoDeviceReads():
+            task.check_finite(loss)  # steps 0-2: noted on the device, nothing read
+    step["now"] = 3
+    with pytest.raises(NonFiniteLossError, match=r"became NaN or infinite at step 1 \(seen at step 3"):
+        task.check_finite(torch.tensor(1.0))
+
+
+def test_adam_is_fused_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    optimizer = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.1, "fused": None}
+    task = _tiny_task(optimizer=optimizer)
+    assert task.configure_optimizers().defaults["fused"] is None, "PyTorch's own choice on the CPU"
+    monkeypatch.setattr(LanguageModelingTask, "device", property(lambda self: torch.device("cuda")))
+    assert task.configure_optimizers().defaults["fused"] is True
+
+
 # -- console scripts ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Command]:

@@ -158,7 +158,27 @@ class PeriodicCheckpoint(L.Callback):
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar; a run without an epoch limit reads "Epoch 3", not "Epoch 3/-2"."""
+    """Lightning's rich progress bar; a run without an epoch limit reads "Epoch 3", not "Epoch 3/-2".
+
+    It shows the training metrics (``train/*``, which the tasks log without ``prog_bar``) as of the last step the
+    trainer wrote logs (``trainer.log_every_n_steps``): reading them from a GPU every step would make each step
+    wait for the device.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._training: dict[str, float] = {}
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._training or trainer.global_step % trainer.log_every_n_steps == 0:
+            metrics = trainer.callback_metrics.items()
+            self._training = {name: float(value) for name, value in metrics if name.startswith("train/")}
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {**super().get_metrics(trainer, pl_module), **self._training}
 
     def _get_train_description(self, current_epoch: int) -> str:
         if self.trainer.max_epochs not in (None, -1):

@@ -63,7 +63,7 @@ class TaskModule(L.LightningModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         compile: bool = False,
-        finite_check_every_n_steps: int = 1,
+        finite_check_every_n_steps: int = 100,
         tokenizer_state: dict[str, Any] | None = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
@@ -78,6 +78,8 @@ class TaskModule(L.LightningModule):
         self.net = self.build_network(model, self.info)
         self._forward = torch.compile(self.net) if compile else self.net
         self._pending_rng: dict[str, Any] | None = None
+        #: the first training step whose loss was not finite (-1: none), kept on the loss's device
+        self._first_nonfinite: torch.Tensor | None = None
         self.loss_means = nn.ModuleDict({stage: MeanMetric() for stage in STAGES})
         self.scores = nn.ModuleDict({stage: self.stage_metrics() for stage in STAGES})
 
@@ -155,6 +157,8 @@ class TaskModule(L.LightningModule):
         if not opt_cfg:
             raise ValueError("No optimizer configured: set the optimizer group (e.g. optimizer=adamw).")
         weight_decay = opt_cfg.pop("weight_decay", 0.0)
+        if "fused" in opt_cfg and opt_cfg["fused"] is None and self.device.type == "cuda":
+            opt_cfg["fused"] = True  # one kernel per step for all parameters (``fused: null`` is: on CUDA)
         decay = [p for p in self.net.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.net.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -165,16 +169,38 @@ class TaskModule(L.LightningModule):
         schedule = hydra.utils.instantiate(self.hparams.scheduler, _partial_=True)(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": schedule}
 
+    def log_training(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        """A training step's metrics (``train/*``), kept on the device: the loggers read them every
+        ``trainer.log_every_n_steps`` steps, and so does the progress bar (:class:`lmlab.callbacks.ProgressBar`),
+        so no step waits for the device to report them."""
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
+
     def check_finite(self, loss: torch.Tensor) -> None:
-        """Stop with a clear message (and no corrupted checkpoint) when the loss is NaN or infinite."""
-        every = self.hparams.finite_check_every_n_steps
-        if every and self.global_step % every == 0 and not bool(torch.isfinite(loss)):
+        """Note on the device the first step whose loss is NaN or infinite, without waiting for the device; every
+        ``finite_check_every_n_steps`` steps, before any checkpoint is written and when training ends, read that
+        note (one sync) and stop with a clear message, so no checkpoint holds the weights after such a step."""
+        if not self.hparams.finite_check_every_n_steps:
+            return
+        if self._first_nonfinite is None or self._first_nonfinite.device != loss.device:
+            self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=loss.device)
+        newly = ~torch.isfinite(loss.detach()) & (self._first_nonfinite < 0)
+        self._first_nonfinite = torch.where(newly, self.global_step, self._first_nonfinite)
+        if (self.global_step + 1) % self.hparams.finite_check_every_n_steps == 0:
+            self.stop_if_nonfinite()
+
+    def stop_if_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a training loss since the start was NaN or infinite."""
+        first = int(self._first_nonfinite) if self._first_nonfinite is not None else -1
+        if first >= 0:
             raise NonFiniteLossError(
-                f"The training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}). "
-                f"Training stopped. Last good checkpoint: {self._last_good_checkpoint()}. Lower optimizer.lr, "
-                "clip gradients (trainer.gradient_clip_val=1.0) or train in precision=32, then resume with "
-                "ckpt_path=<that checkpoint>."
+                f"The training loss became NaN or infinite at step {first} (seen at step {self.global_step}, epoch "
+                f"{self.current_epoch}). Training stopped. Last good checkpoint: {self._last_good_checkpoint()}. "
+                "Lower optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or train in precision=32, then "
+                "resume with ckpt_path=<that checkpoint>."
             )
+
+    def on_train_end(self) -> None:
+        self.stop_if_nonfinite()
 
     def _last_good_checkpoint(self) -> str:
         callback = getattr(self.trainer, "checkpoint_callback", None)
@@ -185,6 +211,7 @@ class TaskModule(L.LightningModule):
 
     # -- self-contained, exactly resumable checkpoints --------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.stop_if_nonfinite()
         checkpoint["lmlab"] = {
             "version": __version__,
             "task": f"{type(self).__module__}.{type(self).__qualname__}",

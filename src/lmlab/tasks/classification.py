@@ -108,13 +108,7 @@ class ClassificationTask(TaskModule):
         loss = self._loss(logits, batch.labels)
         self.check_finite(loss)
         accuracy = multiclass_accuracy(logits.detach(), batch.labels, len(self.labels), average="micro")
-        self.log_dict(
-            {"train/loss": loss, "train/acc": accuracy},
-            on_step=True,
-            on_epoch=False,
-            prog_bar=True,
-            batch_size=len(batch.labels),
-        )
+        self.log_training({"train/loss": loss, "train/acc": accuracy}, len(batch.labels))
         return loss
 
     def eval_step(self, batch: TextBatch, stage: str) -> tuple[torch.Tensor, int]:

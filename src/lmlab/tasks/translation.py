@@ -125,7 +125,7 @@ class TranslationTask(TaskModule):
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         loss, _ = self._token_losses(batch, self.hparams.label_smoothing)
         self.check_finite(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch.src.size(0))
+        self.log_training({"train/loss": loss}, batch.src.size(0))
         return loss
 
     def eval_step(self, batch: PairBatch, stage: str) -> tuple[torch.Tensor, int]:
