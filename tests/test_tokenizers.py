@@ -108,6 +108,17 @@ def test_word_vocab_size_limits_vocabulary() -> None:
     assert small.unk_id in small.encode(TEXT)
 
 
+@pytest.mark.parametrize("kind", ["bpe", "word"])
+def test_a_tokenizer_learns_from_the_first_train_max_chars_characters_only(kind: str) -> None:
+    first, rest = "ab ab abab\n" * 300, "xyzw xyzw xyzwxyzw\n" * 300
+    train = {"bpe": train_bpe, "word": train_word}[kind]
+    bounded = train([first, rest], train_max_chars=len(first), min_frequency=1)
+    whole = train([first, rest], min_frequency=1)
+    assert not any("xyzw" in token for token in bounded.vocabulary()), "nothing of the text past the budget"
+    assert any("xyzw" in token for token in whole.vocabulary())
+    assert any("ab" in token for token in bounded.vocabulary())
+
+
 # -- saved state and fingerprints ---------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["char", "word", "bpe"])
 def test_state_round_trip_gives_identical_ids_and_fingerprint(kind: str) -> None:

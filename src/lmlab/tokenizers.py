@@ -289,8 +289,10 @@ def train_word(
     min_frequency: int = 1,
     lowercase: bool = False,
     split_punctuation: bool = True,
+    train_max_chars: int | None = None,
 ) -> HFTokenizer:
-    """Word-level vocabulary: the most frequent words, newlines kept as tokens, the rest ``<unk>``."""
+    """Word-level vocabulary: the most frequent words, newlines kept as tokens, the rest ``<unk>``; counted over
+    the first ``train_max_chars`` characters of the training text (``None``: all of it)."""
     from tokenizers import normalizers
 
     backend = HFBackend(models.WordLevel(unk_token="<unk>"))
@@ -306,13 +308,16 @@ def train_word(
     trainer = trainers.WordLevelTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(_WORD_SPECIALS)
     )
-    backend.train_from_iterator(_lines(texts), trainer=trainer)
+    backend.train_from_iterator(_lines(texts, train_max_chars), trainer=trainer)
     return HFTokenizer(backend, "word", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
 
 
 @register("tokenizer")
-def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> HFTokenizer:
-    """Byte-level BPE (GPT-2 style): every string is representable, no unknown token needed."""
+def train_bpe(
+    texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2, train_max_chars: int | None = None
+) -> HFTokenizer:
+    """Byte-level BPE (GPT-2 style): every string is representable, no unknown token needed. The merges are
+    learned from the first ``train_max_chars`` characters of the training text (``None``: all of it)."""
     backend = HFBackend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -323,7 +328,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_lines(texts), trainer=trainer)
+    backend.train_from_iterator(_lines(texts, train_max_chars), trainer=trainer)
     return HFTokenizer(backend, "bpe", eos_token="<|endoftext|>", pad_token="<pad>")
 
 
@@ -404,9 +409,16 @@ def _chat_template(files: dict[str, Path]) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _lines(texts: Iterable[str]) -> Iterator[str]:
+def _lines(texts: Iterable[str], max_chars: int | None = None) -> Iterator[str]:
+    """The lines of ``texts``, up to ``max_chars`` characters in all (``None``: every line)."""
+    left = max_chars
     for text in texts:
-        yield from text.splitlines(keepends=True)
+        for line in text.splitlines(keepends=True):
+            if left is not None:
+                if left <= 0:
+                    return
+                line, left = line[:left], left - len(line)
+            yield line
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:

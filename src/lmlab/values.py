@@ -122,8 +122,16 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
     },
     "lmlab.data.text_sources.TextSource": {"val_fraction": FRACTION, "test_fraction": FRACTION},
     "lmlab.data.tables.TableSource": {"val_fraction": FRACTION, "test_fraction": FRACTION},
-    "lmlab.tokenizers.train_bpe": {"vocab_size": Range(int, ge=BPE_MIN_VOCAB), "min_frequency": POSITIVE_INT},
-    "lmlab.tokenizers.train_word": {"vocab_size": Range(int, ge=WORD_MIN_VOCAB), "min_frequency": POSITIVE_INT},
+    "lmlab.tokenizers.train_bpe": {
+        "vocab_size": Range(int, ge=BPE_MIN_VOCAB),
+        "min_frequency": POSITIVE_INT,
+        "train_max_chars": POSITIVE_INT,
+    },
+    "lmlab.tokenizers.train_word": {
+        "vocab_size": Range(int, ge=WORD_MIN_VOCAB),
+        "min_frequency": POSITIVE_INT,
+        "train_max_chars": POSITIVE_INT,
+    },
     "lmlab.models.gpt.GPT": {
         "block_size": POSITIVE_INT,
         "n_layer": POSITIVE_INT,
