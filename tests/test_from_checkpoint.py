@@ -95,3 +95,13 @@ def test_a_tokenizer_or_context_that_does_not_fit_the_checkpoint_is_refused(runs
         _run(runs["root"], "other_tokenizer", runs["tune"], *other_tokenizer, "train=false", "tokenizer.vocab_size=300")
     with pytest.raises(ConfigError, match="data.block_size=64 is longer than the 32 tokens"):
         _run(runs["root"], "long", runs["tune"], *runs["start"], "train=false", "data.block_size=64")
+
+
+def test_dropout_replaces_every_probability_of_the_checkpoints_network() -> None:
+    from conftest import tiny_lm_checkpoint
+    from lmlab.models import CheckpointLM
+
+    net = CheckpointLM(13, 16, str(tiny_lm_checkpoint()), dropout=0.3)
+    layers = [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    read_by_attention = [m.dropout for m in net.modules() if isinstance(getattr(m, "dropout", None), float)]
+    assert layers and read_by_attention and set(layers) == set(read_by_attention) == {0.3}

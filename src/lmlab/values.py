@@ -162,6 +162,7 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
     "lmlab.models.classifiers.BagOfNGrams": {"ngrams": POSITIVE_INT, "buckets": POSITIVE_INT, "dropout": FRACTION},
     "lmlab.models.classifiers.HFEncoderClassifier": {"dropout": FRACTION},
     "lmlab.models.hf_causal_lm.PretrainedCausalLM": {"dropout": FRACTION},
+    "lmlab.models.from_checkpoint.CheckpointLM": {"dropout": FRACTION},
     "lmlab.models.seq2seq.RecurrentSeq2Seq": {
         "embedding_dim": POSITIVE_INT,
         "hidden_size": POSITIVE_INT,

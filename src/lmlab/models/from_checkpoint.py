@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.models.base import LanguageModelNetwork, State
@@ -21,7 +22,8 @@ from lmlab.registry import register
 @register("network")
 class CheckpointLM(LanguageModelNetwork):
     """The network of an lmlab language-model checkpoint (any architecture), adapted with ``lora`` or trained whole;
-    its KV cache or hidden state is the state, as the network's own."""
+    its KV cache or hidden state is the state, as the network's own. ``dropout`` replaces every dropout
+    probability of the network (``None``: the checkpoint's own)."""
 
     def __init__(
         self,
@@ -29,6 +31,7 @@ class CheckpointLM(LanguageModelNetwork):
         block_size: int,
         ckpt_path: str,
         tokenizer_fingerprint: str | None = None,
+        dropout: float | None = None,
         lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -50,6 +53,8 @@ class CheckpointLM(LanguageModelNetwork):
                 f"data.block_size={block_size} is longer than the {context} tokens '{ckpt_path}' reads: set "
                 f"data.block_size={context} or less."
             )
+        if dropout is not None:
+            set_dropout(model.net, dropout)
         self.net = with_lora(model.net, lora, "from_checkpoint")
         #: its checkpoints leave the frozen weights out, which ``ckpt_path`` holds
         self.base_left_out = leaves_base_out(lora)
@@ -63,3 +68,13 @@ class CheckpointLM(LanguageModelNetwork):
     def unwrapped(self) -> torch.nn.Module:
         """The checkpoint's network with the adapters folded into its weights (what export writes)."""
         return merged(self.net)
+
+
+def set_dropout(net: nn.Module, p: float) -> None:
+    """Every dropout probability of ``net``: its ``nn.Dropout`` layers, and the ``dropout`` a module reads itself
+    (attention's, between an LSTM's layers)."""
+    for module in net.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = p

@@ -54,9 +54,7 @@ class TaggingTask(TaskModule):
         self.check_finite(loss)
         real = batch.tags != IGNORE
         accuracy = (logits.detach().argmax(-1)[real] == batch.tags[real]).float().mean()
-        self.log_dict(
-            {"train/loss": loss, "train/acc": accuracy}, on_step=True, on_epoch=False, batch_size=int(real.sum())
-        )
+        self.log_training({"train/loss": loss, "train/acc": accuracy}, len(batch.lengths))
         return loss
 
     def eval_step(self, batch: TagBatch, stage: str) -> tuple[torch.Tensor, int]:
