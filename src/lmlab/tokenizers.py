@@ -22,6 +22,7 @@ from lmlab.errors import TokenizerError
 from lmlab.registry import register
 
 _ENCODE_CHUNK_LINES = 2048
+_LINE_BLOCK_CHARS = 1 << 20
 _WORD_SPECIALS = ("<pad>", "<unk>", "<eos>")
 _BPE_SPECIALS = ("<|endoftext|>", "<pad>")
 #: the smallest vocabularies that hold a tokenizer's fixed symbols and one learned token
@@ -60,12 +61,11 @@ class Tokenizer(ABC):
         state = {k: v for k, v in self.state().items() if k not in ("source", "chat_template")}
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
-    def encode_documents(self, texts: Iterable[str]) -> list[int]:
-        """Concatenated ids of many texts (used to tokenize whole splits)."""
-        ids: list[int] = []
-        for text in texts:
-            ids.extend(self.encode(text))
-        return ids
+    def encoded_chunks(self, texts: Iterable[str]) -> Iterator[list[int]]:
+        """The ids of many texts, one after the other, a batch of lines at a time: a whole split is tokenized with
+        the memory of one batch (the ids equal those of encoding each text whole: lines are encoded apart)."""
+        for batch in _line_chunks(texts):
+            yield self.encode("".join(batch))
 
     def encode_batch(
         self, texts: Sequence[str], max_length: int | None = None, add_special_tokens: bool = False
@@ -178,12 +178,9 @@ class HFTokenizer(Tokenizer):
             )
         return ids
 
-    def encode_documents(self, texts: Iterable[str]) -> list[int]:
-        ids: list[int] = []
+    def encoded_chunks(self, texts: Iterable[str]) -> Iterator[list[int]]:
         for batch in _line_chunks(texts):
-            for encoding in self.backend.encode_batch(batch, add_special_tokens=False):
-                ids.extend(encoding.ids)
-        return ids
+            yield [i for encoding in self.backend.encode_batch(batch, add_special_tokens=False) for i in encoding.ids]
 
     def encode_batch(
         self, texts: Sequence[str], max_length: int | None = None, add_special_tokens: bool = False
@@ -263,11 +260,22 @@ class TokenizerPair(Tokenizer):
         return {"kind": self.kind, "source": self.source.state(), "target": None if self.joint else self.target.state()}
 
 
+def lines_of(text: str) -> Iterator[str]:
+    """``text.splitlines(keepends=True)``, a block of about :data:`_LINE_BLOCK_CHARS` characters at a time (cut
+    after a newline, which is a line end in every block), not all lines of a whole split at once."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + _LINE_BLOCK_CHARS)
+        end = len(text) if end < 0 else end + 1
+        yield from text[start:end].splitlines(keepends=True)
+        start = end
+
+
 def _line_chunks(texts: Iterable[str]) -> Iterator[list[str]]:
     """Cut texts at line ends into batches, so the Rust backend can encode them in parallel."""
     batch: list[str] = []
     for text in texts:
-        for line in text.splitlines(keepends=True):
+        for line in lines_of(text):
             batch.append(line)
             if len(batch) == _ENCODE_CHUNK_LINES:
                 yield batch
@@ -413,7 +421,7 @@ def _lines(texts: Iterable[str], max_chars: int | None = None) -> Iterator[str]:
     """The lines of ``texts``, up to ``max_chars`` characters in all (``None``: every line)."""
     left = max_chars
     for text in texts:
-        for line in text.splitlines(keepends=True):
+        for line in lines_of(text):
             if left is not None:
                 if left <= 0:
                     return

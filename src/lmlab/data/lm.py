@@ -18,7 +18,7 @@ from torch.utils.data import BatchSampler, Sampler
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.info import LMDataInfo
-from lmlab.data.storage import BatchedDataset, MappedArray, save_tokens
+from lmlab.data.storage import BatchedDataset, MappedArray, save_token_stream
 from lmlab.data.text_sources import TextSource
 from lmlab.errors import DataError
 from lmlab.registry import register
@@ -148,7 +148,7 @@ class LMDataModule(LanguageModelData):
         return self.train_tokenizer([splits["train"]])
 
     def encode_split(self, folder: Path, name: str, data: str, tokenizer: Tokenizer, meta: dict[str, Any]) -> dict:
-        tokens = save_tokens(folder / f"{name}.npy", tokenizer.encode_documents([data]), tokenizer.vocab_size)
+        tokens = save_token_stream(folder / f"{name}.npy", tokenizer.encoded_chunks([data]), tokenizer.vocab_size)
         return {"tokens": tokens, "chars": len(data)}
 
     # -- serving ---------------------------------------------------------------------------

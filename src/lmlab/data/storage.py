@@ -15,17 +15,32 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+#: tokens copied at a time from a stream's raw file into its ``.npy`` file
+_COPY_BLOCK = 1 << 24
+
 
 def token_dtype(vocab_size: int) -> type[np.integer]:
     """The integer type of stored ids ``0 .. vocab_size - 1``."""
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def save_tokens(path: Path, ids: Sequence[int], vocab_size: int) -> int:
-    """Write a flat token stream; returns its length."""
-    tokens = np.asarray(ids, dtype=token_dtype(vocab_size))
-    np.save(path, tokens)
-    return len(tokens)
+def save_token_stream(path: Path, chunks: Iterable[Sequence[int]], vocab_size: int) -> int:
+    """Write a flat token stream given in chunks, holding one chunk at a time: the ids go to a raw file as they
+    come, and then into the ``.npy`` file by blocks; returns the stream's length."""
+    dtype = token_dtype(vocab_size)
+    raw = path.with_name(path.name + ".raw")
+    with raw.open("wb") as out:
+        for chunk in chunks:
+            out.write(np.asarray(chunk, dtype=dtype).tobytes())
+    n = raw.stat().st_size // np.dtype(dtype).itemsize
+    stream = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n,))
+    source = np.memmap(raw, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+    for start in range(0, n, _COPY_BLOCK):
+        stream[start : start + _COPY_BLOCK] = source[start : start + _COPY_BLOCK]
+    stream.flush()
+    del stream, source
+    raw.unlink()
+    return n
 
 
 def save_ragged(folder: Path, stem: str, rows: Sequence[Sequence[int]], vocab_size: int) -> None:
