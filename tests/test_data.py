@@ -13,9 +13,16 @@ import pytest
 import torch
 
 from lmlab.data.lm import EpochBlockSampler, LMDataModule
+from lmlab.data.storage import TokenShards
 from lmlab.data.text_sources import TextFiles, TextSource, carve_splits
 from lmlab.errors import DataError
 from lmlab.tokenizers import CharTokenizer, train_bpe, train_char
+
+
+def stored_tokens(cache: Path, split: str) -> np.ndarray:
+    """Every id of a cached split, its shards joined."""
+    shards = TokenShards(cache / split)
+    return shards.read(0, len(shards))
 
 
 def _text(n_lines: int, tag: str = "line") -> str:
@@ -257,9 +264,9 @@ def test_cache_contents_match_tokenized_splits(tmp_path: Path) -> None:
     dm = _datamodule(CountingSource(text), tmp_path / "cache")
     splits = carve_splits(text, 0.1, 0.0)
     for split, part in splits.items():
-        ids = np.load(dm._cache / f"{split}.npy")
+        ids = stored_tokens(dm._cache, split)
         assert ids.tolist() == dm.tokenizer.encode(part)
-        assert dm.meta["splits"][split] == {"tokens": len(part), "chars": len(part)}
+        assert dm.meta["splits"][split] == {"tokens": len(part), "chars": len(part), "shards": int(bool(part))}
     assert dm.data_info["vocab_size"] == len(set(splits["train"])) + 1
     assert dm.data_info["chars_per_token"]["validation"] == pytest.approx(1.0)
 
@@ -299,7 +306,7 @@ def test_ready_tokenizer_is_used_as_given(tmp_path: Path) -> None:
 def test_train_batches_are_shifted_blocks(tmp_path: Path) -> None:
     text = _text(40)
     dm = _datamodule(CountingSource(text), tmp_path / "cache", block_size=16, batch_size=4)
-    tokens = torch.tensor(np.load(dm._cache / "train.npy").astype(np.int64))
+    tokens = torch.tensor(stored_tokens(dm._cache, "train").astype(np.int64))
     batches = list(dm.train_dataloader())
     assert len(batches) == len(dm.train_dataloader())
     assert len(batches) > 3
@@ -316,7 +323,7 @@ def test_train_batches_are_shifted_blocks(tmp_path: Path) -> None:
 def test_validation_batches_cover_non_overlapping_blocks_from_zero(tmp_path: Path) -> None:
     text = _text(60)
     dm = _datamodule(CountingSource(text), tmp_path / "cache", block_size=16, batch_size=4, eval_batch_size=3)
-    tokens = np.load(dm._cache / "validation.npy").astype(np.int64)
+    tokens = stored_tokens(dm._cache, "validation").astype(np.int64)
     rows = torch.cat([x for x, _ in dm.val_dataloader()])
     ys = torch.cat([y for _, y in dm.val_dataloader()])
     n_blocks = (len(tokens) - 1) // 16

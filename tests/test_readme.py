@@ -76,6 +76,7 @@ def _offline(option: str) -> str:
     """The README's offline form of a hub data option, reading the shared copies of its splits."""
     splits = {
         "wikitext2": ("wikitext-2", ["train", "validation", "test"]),
+        "hub_text": ("wikitext-2", ["train"]),
         "imdb": ("imdb", ["train", "test"]),
         "sst2": ("sst2", ["train", "validation"]),
         "multi30k": ("multi30k", ["train", "validation", "test"]),
@@ -139,6 +140,11 @@ ROWS: dict[str, Row] = {
     "data.source.data_files='{train: train.parquet, validation: validation.parquet, test: test.parquet}'": Row(
         add=STEPS
     ),
+    # Corpora larger than memory
+    "lmlab-train data=text_files data.source.train_files='corpus/**/*.txt' data.source.end_of_document=true "
+    "tokenizer=bpe data.num_proc=2": Row(add=STEPS),
+    "lmlab-train data=hub_text data.source.path=HuggingFaceFW/fineweb-edu data.source.name=sample-10BT "
+    "data.source.streaming=true tokenizer=bpe": Row(add=STEPS, offline="hub_text"),
     # Text classification
     "lmlab-train experiment=cls/imdb_lstm": Row(add=CLS_STEPS, offline="imdb"),
     "lmlab-train task=classification model=textcnn data=sst2 tokenizer=word": Row(add=CLS_STEPS, offline="sst2"),
@@ -251,6 +257,12 @@ def write_inputs(section: str, cwd: Path) -> None:
         _write_table(cwd / "valid.jsonl", [{"body": t} for t in text[2500:]])
         for split in ("train", "validation", "test"):
             _write_table(cwd / f"{split}.parquet", _shared_rows(f"wikitext-2/{split}.parquet", ["text"], 1000))
+    elif section == "Corpora larger than memory":
+        text = [r["text"] for r in _shared_rows("wikitext-2/train.parquet", ["text"], 4000)]
+        for i in range(4):
+            folder = cwd / "corpus" / f"part{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i}.txt").write_text("".join(text[i * 1000 : (i + 1) * 1000]), encoding="utf-8")
     elif section == "Text classification":
         rows = _shared_rows("imdb/train.parquet", ["text", "label"], 25000)[::50]
         named = [{"review": r["text"], "sentiment": ["negative", "positive"][r["label"]]} for r in rows]

@@ -4,6 +4,7 @@ learning rates, step for step, as one that ran straight through (data position, 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+import lmlab.data.corpus as corpus
 from conftest import FAST, cls_overrides, mt_overrides
 from lmlab.train import train
 
@@ -111,6 +113,32 @@ def test_resume_mid_epoch_from_last_ckpt_matches_uninterrupted(make_cfg, learnab
     _assert_same_steps(c, a, range(10, 20))
     lrs = [a[s][LR_KEY] for s in range(20)]
     assert lrs[2] > lrs[10] > lrs[19], "the schedule should warm up, then decay within the run"
+
+
+def test_resume_matches_uninterrupted_across_shard_boundaries(
+    make_cfg, learnable_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # batches of 500 characters and shards of 1000 tokens: the training split is stored in about 20 shards,
+    # so most training blocks of one epoch come from different shards and some span two
+    monkeypatch.setattr(corpus, "BATCH_CHARS", 500)
+    base = _base(
+        learnable_text,
+        "data.batch_size=8",
+        "data.shard_tokens=1000",
+        "scheduler.warmup_steps=3",
+        "scheduler.decay_steps=20",
+        "trainer.val_check_interval=10",
+    )
+    # B stops at step 8, between two scheduled validations: its last.ckpt is that of the final validation
+    # a run ends with, which the straight run A never made at step 8
+    straight = _train(make_cfg, [*base, "trainer.max_steps=16"], tmp_path / "A")
+    _train(make_cfg, [*base, "trainer.max_steps=8"], tmp_path / "B")
+    _train(
+        make_cfg, [*base, "trainer.max_steps=16", f"ckpt_path={tmp_path / 'B/checkpoints/last.ckpt'}"], tmp_path / "C"
+    )
+    (meta,) = Path(straight.data.cache_dir).glob("*/meta.json")
+    assert json.loads(meta.read_text())["splits"]["train"]["shards"] > 10
+    _assert_same_steps(_logged(tmp_path / "C"), _logged(tmp_path / "A"), range(8, 16))
 
 
 # -- a crash mid-run, resumed from the checkpoint of the crash or the newest last.ckpt --------------

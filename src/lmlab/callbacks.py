@@ -96,14 +96,15 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self._defer_save_until_validation = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if (
-            self.save_last
-            and self._last_global_step_saved != trainer.global_step
-            and not self._should_skip_saving_checkpoint(trainer)
-            and not self._should_save_on_train_epoch_end(trainer)
-        ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        with _as_counted_after_unscheduled_validation(trainer):
+            super().on_validation_end(trainer, pl_module)
+            if (
+                self.save_last
+                and self._last_global_step_saved != trainer.global_step
+                and not self._should_skip_saving_checkpoint(trainer)
+                and not self._should_save_on_train_epoch_end(trainer)
+            ):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class PeriodicCheckpoint(L.Callback):
@@ -324,6 +325,33 @@ def _as_saved_before_validation(trainer: L.Trainer) -> Iterator[None]:
     finally:
         for t, (ready, started, processed, completed) in zip(trackers, saved, strict=True):
             t.ready, t.started, t.processed, t.completed = ready, started, processed, completed
+
+
+@contextlib.contextmanager
+def _as_counted_after_unscheduled_validation(trainer: L.Trainer) -> Iterator[None]:
+    """Save a validation that ran only because training was asked to stop (the final validation at
+    ``max_steps``, see :meth:`lmlab.tasks.base.TaskModule.on_train_batch_end`) with its step counted.
+
+    A checkpoint written at validation end holds the logging step before the increment that follows the
+    validation; Lightning makes it up on restart only where the step is a scheduled validation step. A run
+    continued from its final checkpoint with a larger ``max_steps`` would otherwise log every step one low.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if not trainer.should_stop or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+        yield
+        return
+    trainer.should_stop = False
+    try:
+        scheduled = loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+    finally:
+        trainer.should_stop = True
+    counted = loop._batches_that_stepped
+    if not scheduled:
+        loop._batches_that_stepped += 1
+    try:
+        yield
+    finally:
+        loop._batches_that_stepped = counted
 
 
 @contextlib.contextmanager

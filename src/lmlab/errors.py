@@ -17,6 +17,10 @@ class DataError(LmlabError):
     """A data file, split or column is missing, empty, or not decodable."""
 
 
+class DiskFullError(LmlabError):
+    """The disk filled while the data cache was written; what was finished is kept for the next run."""
+
+
 class TokenizerError(LmlabError):
     """Text cannot be encoded by the tokenizer, or a tokenizer does not match a checkpoint."""
 

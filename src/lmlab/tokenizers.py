@@ -21,8 +21,10 @@ from tokenizers import Tokenizer as HFBackend
 from lmlab.errors import TokenizerError
 from lmlab.registry import register
 
-_ENCODE_CHUNK_LINES = 2048
-_LINE_BLOCK_CHARS = 1 << 20
+#: lines longer than this many characters are cut (at a word start, within the last _LINE_CUT_WINDOW of them)
+_MAX_LINE_CHARS = 1 << 20
+_LINE_CUT_WINDOW = 1 << 12
+_SPACE_BEFORE_WORD = re.compile(r"\s(?=\S)")
 _WORD_SPECIALS = ("<pad>", "<unk>", "<eos>")
 _BPE_SPECIALS = ("<|endoftext|>", "<pad>")
 #: the smallest vocabularies that hold a tokenizer's fixed symbols and one learned token
@@ -60,12 +62,6 @@ class Tokenizer(ABC):
         """
         state = {k: v for k, v in self.state().items() if k not in ("source", "chat_template")}
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
-
-    def encoded_chunks(self, texts: Iterable[str]) -> Iterator[list[int]]:
-        """The ids of many texts, one after the other, a batch of lines at a time: a whole split is tokenized with
-        the memory of one batch (the ids equal those of encoding each text whole: lines are encoded apart)."""
-        for batch in _line_chunks(texts):
-            yield self.encode("".join(batch))
 
     def encode_batch(
         self, texts: Sequence[str], max_length: int | None = None, add_special_tokens: bool = False
@@ -178,10 +174,6 @@ class HFTokenizer(Tokenizer):
             )
         return ids
 
-    def encoded_chunks(self, texts: Iterable[str]) -> Iterator[list[int]]:
-        for batch in _line_chunks(texts):
-            yield [i for encoding in self.backend.encode_batch(batch, add_special_tokens=False) for i in encoding.ids]
-
     def encode_batch(
         self, texts: Sequence[str], max_length: int | None = None, add_special_tokens: bool = False
     ) -> tuple[list[list[int]], int]:
@@ -260,28 +252,36 @@ class TokenizerPair(Tokenizer):
         return {"kind": self.kind, "source": self.source.state(), "target": None if self.joint else self.target.state()}
 
 
-def lines_of(text: str) -> Iterator[str]:
-    """``text.splitlines(keepends=True)``, a block of about :data:`_LINE_BLOCK_CHARS` characters at a time (cut
-    after a newline, which is a line end in every block), not all lines of a whole split at once."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + _LINE_BLOCK_CHARS)
-        end = len(text) if end < 0 else end + 1
-        yield from text[start:end].splitlines(keepends=True)
-        start = end
+def lines_of(pieces: Iterable[str | None]) -> Iterator[str | None]:
+    """The lines of text given in pieces: ``str.splitlines(keepends=True)`` of their concatenation, a piece at a
+    time. A ``None`` item (a document's end) ends the line before it and is passed on. A line longer than
+    :data:`_MAX_LINE_CHARS` is cut before the space that starts a word (where byte-level BPE and word
+    tokenizers cut it anyway), so a text without line breaks is not held whole either."""
+    carry = ""
+    for piece in pieces:
+        if piece is None:
+            yield from carry.splitlines(keepends=True)
+            carry = ""
+            yield None
+            continue
+        text = carry + piece
+        cut = text.rfind("\n") + 1
+        if cut:
+            yield from text[:cut].splitlines(keepends=True)
+        carry = text[cut:]
+        while len(carry) > _MAX_LINE_CHARS:
+            at = _word_start_before(carry, _MAX_LINE_CHARS)
+            yield carry[:at]
+            carry = carry[at:]
+    if carry:
+        yield from carry.splitlines(keepends=True)
 
 
-def _line_chunks(texts: Iterable[str]) -> Iterator[list[str]]:
-    """Cut texts at line ends into batches, so the Rust backend can encode them in parallel."""
-    batch: list[str] = []
-    for text in texts:
-        for line in lines_of(text):
-            batch.append(line)
-            if len(batch) == _ENCODE_CHUNK_LINES:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+def _word_start_before(text: str, limit: int) -> int:
+    """The last position at or before ``limit`` of a whitespace character followed by a word (``limit`` where
+    there is none)."""
+    starts = [m.start() for m in _SPACE_BEFORE_WORD.finditer(text, max(limit - _LINE_CUT_WINDOW, 0), limit + 1)]
+    return starts[-1] if starts and starts[-1] > 0 else limit
 
 
 @register("tokenizer")
@@ -420,13 +420,14 @@ def _chat_template(files: dict[str, Path]) -> str | None:
 def _lines(texts: Iterable[str], max_chars: int | None = None) -> Iterator[str]:
     """The lines of ``texts``, up to ``max_chars`` characters in all (``None``: every line)."""
     left = max_chars
-    for text in texts:
-        for line in lines_of(text):
-            if left is not None:
-                if left <= 0:
-                    return
-                line, left = line[:left], left - len(line)
-            yield line
+    for line in lines_of(texts):
+        if line is None:
+            continue
+        if left is not None:
+            if left <= 0:
+                return
+            line, left = line[:left], left - len(line)
+        yield line
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:

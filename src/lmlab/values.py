@@ -109,6 +109,7 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
         "num_workers": COUNT,
     },
     "lmlab.data.lm.LanguageModelData": {"block_size": POSITIVE_INT},
+    "lmlab.data.lm.LMDataModule": {"num_proc": POSITIVE_INT, "shard_tokens": POSITIVE_INT},
     "lmlab.data.instructions.InstructionDataModule": {
         "max_prompt_length": POSITIVE_INT,
         "bucket_batches": POSITIVE_INT,

@@ -56,6 +56,8 @@ class TaskDataModule(L.LightningDataModule):
     """
 
     roles: tuple[str, ...] = ()
+    #: whether a cache build that stops can be continued by the next one (:func:`cached_dir`'s ``resumable``)
+    resumable_cache = False
     #: what :attr:`data_info` gives: the values the task builds its network and its loss from
     info_type: type[DataInfo] = DataInfo
 
@@ -154,16 +156,27 @@ class TaskDataModule(L.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        self._cache = cached_dir(self.cache_root, self._key(), self.build_cache)
+        self._cache = cached_dir(self.cache_root, self._key(), self.build_cache, self.resumable_cache)
 
     def build_cache(self, folder: Path) -> None:
         """Encode every split into ``folder``, beside ``tokenizer.json`` and ``meta.json``."""
         splits = self.read_splits()
         meta = self.describe(splits)
-        tokenizer = self.fit_tokenizer(splits) if self.tokenizer is None else self.given_tokenizer(self.tokenizer)
+        tokenizer = self._cache_tokenizer(folder, splits)
         meta["splits"] = {name: self.encode_split(folder, name, data, tokenizer, meta) for name, data in splits.items()}
-        (folder / "tokenizer.json").write_text(json.dumps(tokenizer.state()))
         (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    def _cache_tokenizer(self, folder: Path, splits: dict[str, Any]) -> Tokenizer:
+        """The entry's tokenizer, saved in ``folder`` before any split is encoded: a resumed build reads it back
+        instead of training it again."""
+        saved = folder / "tokenizer.json"
+        if saved.is_file():
+            return tokenizer_from_state(json.loads(saved.read_text()))
+        tokenizer = self.fit_tokenizer(splits) if self.tokenizer is None else self.given_tokenizer(self.tokenizer)
+        tmp = saved.with_suffix(".tmp")
+        tmp.write_text(json.dumps(tokenizer.state()))
+        tmp.replace(saved)
+        return tokenizer
 
     def train_tokenizer(self, texts: Iterable[str]) -> Tokenizer:
         """A tokenizer trained on ``texts`` by the configured builder."""

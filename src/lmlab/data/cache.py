@@ -10,6 +10,10 @@ runs (sweep jobs, DDP ranks) and killed runs are safe:
 - **No half-written entry.** An entry is built in a temporary folder ``root/.<key>-<random>``, marked with a
   ``DONE`` file and renamed into place, so a reader sees a whole entry or none. A build that raises leaves
   nothing behind.
+- **Resumable builds.** A build that can continue where it stopped (a large corpus, written shard by shard)
+  uses the folder ``root/.<key>.partial`` instead, which outlives a killed or interrupted build: the next build
+  of the key (the waiter, or a later run) continues in it. A build that fails on its input (a bad file, a
+  tokenizer that does not fit) removes it, since it would fail again the same way.
 - **Crash leftovers cleaned.** The temporary folders of killed builds are removed by the next build in the
   same root, each under its key's lock, so a live build's folder is never touched.
 - **Umask respected.** Entry folders and lock files get the permissions the process's umask allows (e.g. 0775
@@ -31,9 +35,11 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from lmlab.errors import ConfigError, DataError, TokenizerError
+
 log = logging.getLogger("lmlab")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -42,10 +48,11 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def cached_dir(root: str | Path, key: str, build: Callable[[Path], None]) -> Path:
+def cached_dir(root: str | Path, key: str, build: Callable[[Path], None], resumable: bool = False) -> Path:
     """The cache folder for ``key``, calling ``build(tmp_folder)`` to fill it the first time.
 
-    Of the processes that need a missing entry, one builds it and the others wait for it and reuse it.
+    Of the processes that need a missing entry, one builds it and the others wait for it and reuse it. With
+    ``resumable``, ``build`` is given the folder a stopped build of the key left, if any, to continue in.
     """
     root = Path(root).expanduser()
     final = root / key
@@ -63,7 +70,7 @@ def cached_dir(root: str | Path, key: str, build: Callable[[Path], None]) -> Pat
         if not (final / "DONE").is_file():
             _remove_dead_builds(root, key)
             started = time.perf_counter()
-            _build(root, key, build)
+            (_resume if resumable else _build)(root, key, build)
             log.info("Built cache entry %s in %.1f s", final, time.perf_counter() - started)
         # A finished entry needs no lock again, so the root keeps only entries. Removing it is safe: whoever still
         # holds or waits on this file, or locks a new one at its path, finds DONE and builds nothing.
@@ -85,6 +92,24 @@ def _build(root: Path, key: str, build: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _resume(root: str | Path, key: str, build: Callable[[Path], None]) -> None:
+    """Build the entry in ``.<key>.partial``, continuing what a stopped build left there, and rename it into place."""
+    final, partial = Path(root) / key, Path(root) / f".{key}.partial"
+    if partial.is_dir():
+        log.info("Continuing the cache entry %s that a stopped build left in %s", key, partial)
+    partial.mkdir(mode=0o777, exist_ok=True)
+    try:
+        build(partial)
+    except (DataError, TokenizerError, ConfigError):
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    except BaseException:
+        log.warning("The unfinished cache entry is kept in %s; the next run continues it", partial)
+        raise
+    (partial / "DONE").write_text("ok\n")
+    os.replace(partial, final)
 
 
 def _remove_dead_builds(root: Path, key: str) -> None:

@@ -7,7 +7,7 @@ read with Hugging Face ``datasets`` after the same checks.
 from __future__ import annotations
 
 import glob
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,37 +78,99 @@ def data_files_signature(data_files: Any) -> Any:
     return file_signature(resolve_files(patterns, "data.source.data_files"))
 
 
+#: bytes read from a file at a time
+READ_BYTES = 1 << 22
+
+
 def read_text_file(path: Path) -> str:
     """The whole file as text; an empty or non-UTF-8 file is an error."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"'{path}' is not valid UTF-8 (byte {raw[err.start]:#04x} at offset {err.start}). "
-            "Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
-        ) from None
-    if not text.strip():
+    return "".join(text_pieces(path))
+
+
+def text_pieces(path: Path) -> Iterator[str]:
+    """The text of a UTF-8 file, :data:`READ_BYTES` at a time (a character is never cut); a byte that is not UTF-8
+    is an error that names the file and its offset, and so is a file with no text."""
+    has_text = False
+    with path.open("rb") as file:
+        offset, carry = 0, b""  # offset: of carry's first byte in the file
+        while True:
+            block = file.read(READ_BYTES)
+            data = carry + block
+            if not data:
+                break
+            try:
+                text, carry = data.decode("utf-8"), b""
+            except UnicodeDecodeError as err:
+                if not block or err.reason != "unexpected end of data" or err.start < len(data) - 3:
+                    raise DataError(
+                        f"'{path}' is not valid UTF-8 (byte {data[err.start]:#04x} at offset {offset + err.start}). "
+                        "Convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`."
+                    ) from None
+                text, carry = data[: err.start].decode("utf-8"), data[err.start :]  # a character cut by the block
+            offset += len(data) - len(carry)
+            has_text = has_text or not text.isspace() and bool(text)
+            if text:
+                yield text
+    if not has_text:
         raise DataError(f"'{path}' is empty. Remove it from the file list or give it some text.")
-    return text
 
 
-def read_column(files: Sequence[Path], column: str, key: str) -> list[str]:
-    """One text column from table files, or the whole text of plain-text files (one document each)."""
-    texts: list[str] = []
+def column_pieces(files: Sequence[Path], column: str, key: str) -> Iterator[Iterator[str]]:
+    """The documents of local files, each as pieces of text: a plain-text file is one document; a
+    json/jsonl/csv/parquet file gives one document per row of its ``column``, read a batch of rows at a time."""
     for path in files:
-        suffix = path.suffix.lower()
-        if suffix in TABLE_BUILDERS:
-            texts.extend(read_table(path, [column], key)[column])
+        if path.suffix.lower() in TABLE_BUILDERS:
+            yield from ([text] for text in table_column(path, column, key))
         else:
-            texts.append(read_text_file(path))
-    return texts
+            yield text_pieces(path)
 
 
-def read_table(path: Path, columns: Sequence[str], key: str) -> dict[str, list[Any]]:
-    """Selected columns of one json/jsonl/csv/parquet file."""
-    table = load_table(path, columns, key)
-    return {c: table[c] for c in columns}
+def table_column(path: Path, column: str, key: str) -> Iterator[str]:
+    """The values of one text column of a json/jsonl/csv/parquet file, streamed a batch of rows at a time."""
+    import datasets
+
+    builder = _table_builder(path, key)
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
+        rows = iter(table)
+        first = next(rows, None)
+    except Exception as err:  # the builders raise many kinds of parse errors
+        raise DataError(f"Could not parse '{path}' as {builder}: {err}") from None
+    if first is None:
+        raise DataError(f"'{path}' has no rows.")
+    if column not in first:
+        raise DataError(
+            f"Column '{column}' is not in '{path}' (columns: {', '.join(first)}). "
+            f"Set the column name in the data config (see {key})."
+        )
+    yield _text_value(first[column], path, column)
+    try:
+        for row in rows:
+            yield _text_value(row[column], path, column)
+    except KeyError:
+        raise DataError(f"Some rows of '{path}' have no column '{column}'. Fix the file or set {key}.") from None
+
+
+def _text_value(value: Any, path: Path, column: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"Column '{column}' of '{path}' holds {type(value).__name__} values, not text.")
+    return value
+
+
+def _table_builder(path: Path, key: str) -> str:
+    """The ``datasets`` builder of a table file, after the checks that give a clear message."""
+    builder = TABLE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{key}: cannot read '{path}': use one of {', '.join(sorted(TABLE_BUILDERS))} or .txt.")
+    if path.stat().st_size == 0:
+        raise DataError(f"'{path}' is empty. Remove it from {key} or give it some rows.")
+    if builder != "parquet":
+        for _ in text_pieces(path):  # strict UTF-8 and emptiness checks with a clear message, a block at a time
+            pass
+    return builder
 
 
 def load_table(path: Path, columns: Sequence[str], key: str) -> Any:
@@ -116,13 +178,7 @@ def load_table(path: Path, columns: Sequence[str], key: str) -> Any:
     that has every one of ``columns`` and at least one row."""
     import datasets
 
-    builder = TABLE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"{key}: cannot read '{path}': use one of {', '.join(sorted(TABLE_BUILDERS))} or .txt.")
-    if path.stat().st_size == 0:
-        raise DataError(f"'{path}' is empty. Remove it from {key} or give it some rows.")
-    if builder != "parquet":
-        read_text_file(path)  # strict UTF-8 and emptiness checks with a clear message
+    builder = _table_builder(path, key)
     datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(builder, data_files=[str(path)], split="train")
@@ -150,15 +206,23 @@ def _plain_data_files(data_files: Any) -> Any:
 
 
 def load_hub_dataset(
-    path: str, name: str | None, revision: str | None, offline_hint: str, data_files: Any = None
+    path: str,
+    name: str | None,
+    revision: str | None,
+    offline_hint: str,
+    data_files: Any = None,
+    streaming: bool = False,
 ) -> Any:
     """``datasets.load_dataset(path, name)``: every split of a hub data set (or of local files through a
-    builder such as ``parquet``); a failure names the data set and what to use offline."""
+    builder such as ``parquet``), streamed as it is read with ``streaming``; a failure names the data set and
+    what to use offline."""
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(path, name, data_files=_plain_data_files(data_files), revision=revision)
+        return datasets.load_dataset(
+            path, name, data_files=_plain_data_files(data_files), revision=revision, streaming=streaming
+        )
     except Exception as err:  # the hub client and builders raise many kinds of errors
         raise DataError(
             f"Could not load '{path}' from the Hugging Face hub ({type(err).__name__}: {err}). Offline? {offline_hint}"

@@ -1,4 +1,8 @@
-"""Language-modeling data: text -> token ids (cached) -> packed fixed-length blocks.
+"""Language-modeling data: text -> token shards (cached) -> packed fixed-length blocks.
+
+A split of any size is prepared with the memory of a few batches (:mod:`lmlab.data.corpus`): read in
+pieces, tokenized in ``num_proc`` processes, written to shards of about ``shard_tokens`` ids, and resumed from
+its last finished shard when a preparation stops. Training reads the shards by memory map.
 
 Training batches are blocks of ``block_size + 1`` tokens cut from the token stream at a random
 offset each epoch, visited in a random order; both are a pure function of ``(seed, epoch)``, so a
@@ -17,26 +21,26 @@ import torch
 from torch.utils.data import BatchSampler, Sampler
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
+from lmlab.data.corpus import prepare_split
 from lmlab.data.info import LMDataInfo
-from lmlab.data.storage import BatchedDataset, MappedArray, save_token_stream
-from lmlab.data.text_sources import TextSource
+from lmlab.data.storage import BatchedDataset, TokenShards
+from lmlab.data.text_sources import SplitText, TextSource
 from lmlab.errors import DataError
 from lmlab.registry import register
 from lmlab.tokenizers import Tokenizer
 
 
 class TokenBlocks(BatchedDataset):
-    """Blocks of a token file, addressed by start position; ``(x, y)`` with ``y`` shifted by one."""
+    """Blocks of a split's tokens, addressed by start position; ``(x, y)`` with ``y`` shifted by one."""
 
-    def __init__(self, path: Path, block_size: int) -> None:
-        self.tokens, self.block_size = MappedArray(path), block_size
-        self._span = np.arange(block_size + 1)
+    def __init__(self, tokens: TokenShards, block_size: int) -> None:
+        self.tokens, self.block_size = tokens, block_size
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __getitems__(self, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.from_numpy(self.tokens.array[np.asarray(starts)[:, None] + self._span].astype(np.int64))
+        rows = torch.from_numpy(self.tokens.windows(starts, self.block_size + 1).astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -130,26 +134,44 @@ class LanguageModelData(TaskDataModule):
 
 @register("data")
 class LMDataModule(LanguageModelData):
-    """Tokenizes a :class:`TextSource` once (cached) and serves packed blocks."""
+    """Tokenizes a :class:`TextSource` once (cached, in shards, resumable) and serves packed blocks.
+
+    ``num_proc`` processes tokenize a split (``None``: one per available core); a shard closes once it holds
+    ``shard_tokens`` ids, and a stopped preparation resumes after the last closed one.
+    """
 
     source: TextSource
+    resumable_cache = True
+
+    def __init__(
+        self,
+        source: Any,
+        tokenizer: TokenizerBuilder | Tokenizer,
+        block_size: int = 128,
+        num_proc: int | None = None,
+        shard_tokens: int = 50_000_000,
+        **loading: Any,
+    ) -> None:
+        super().__init__(source, tokenizer, block_size, **loading)
+        self.num_proc, self.shard_tokens = num_proc, shard_tokens
 
     # -- building the cache ---------------------------------------------------------------
     def cache_parts(self) -> dict[str, Any]:
         return {"task": "lm"}
 
-    def read_splits(self) -> dict[str, str]:
-        splits = super().read_splits()
-        if "train" in splits and not splits["train"].strip():
+    def read_splits(self) -> dict[str, SplitText]:
+        return self.source.streams() if self.splits is None else self.source.streams(self.splits)
+
+    def fit_tokenizer(self, splits: dict[str, SplitText]) -> Tokenizer:
+        return self.train_tokenizer(splits["train"])
+
+    def encode_split(
+        self, folder: Path, name: str, data: SplitText, tokenizer: Tokenizer, meta: dict[str, Any]
+    ) -> dict:
+        info = prepare_split(folder, name, data, tokenizer, self.shard_tokens, self.num_proc)
+        if name == "train" and not info["tokens"]:
             raise DataError("The training text is empty. Check the data files or data.source settings.")
-        return splits
-
-    def fit_tokenizer(self, splits: dict[str, str]) -> Tokenizer:
-        return self.train_tokenizer([splits["train"]])
-
-    def encode_split(self, folder: Path, name: str, data: str, tokenizer: Tokenizer, meta: dict[str, Any]) -> dict:
-        tokens = save_token_stream(folder / f"{name}.npy", tokenizer.encoded_chunks([data]), tokenizer.vocab_size)
-        return {"tokens": tokens, "chars": len(data)}
+        return info
 
     # -- serving ---------------------------------------------------------------------------
     def open_split(self, folder: Path, name: str) -> TokenBlocks | None:
@@ -160,7 +182,7 @@ class LMDataModule(LanguageModelData):
                 f"The train split has {tokens} tokens, fewer than 2*data.block_size "
                 f"({2 * self.block_size}). Lower data.block_size or add text."
             )
-        return TokenBlocks(folder / f"{name}.npy", self.block_size) if tokens >= self.block_size + 1 else None
+        return TokenBlocks(TokenShards(folder / name), self.block_size) if tokens >= self.block_size + 1 else None
 
     def train_sampler(self, data: TokenBlocks, rank: int, world: int) -> BlockBatches:
         return BlockBatches(EpochBlockSampler(len(data), self.block_size, self.seed, rank, world), self.batch_size)

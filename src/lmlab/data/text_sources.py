@@ -1,48 +1,119 @@
-"""Where language-modeling text comes from: one string per split.
+"""Where language-modeling text comes from: a stream of text per split, read again each time it is iterated.
 
-Each source returns ``{"train": str, "validation": str, "test": str}`` (or only the splits asked for)
-and a ``fingerprint()`` of what it reads, which goes into the data cache key. When a source has only
-training text, validation and test text are cut from its end by character fractions (the nanoGPT
-convention: first 90% train).
+Each source gives ``{"train": SplitText, "validation": SplitText, "test": SplitText}`` (or only the splits asked
+for) and a ``fingerprint()`` of what it reads, which goes into the data cache key. A split's text is its
+documents (files, or rows of a table) joined by ``join_with``, read a piece at a time, so a corpus never has to
+fit in memory; with ``end_of_document`` each document is followed by the tokenizer's end-of-text token instead.
+When a source has only training text, validation and test text are cut from its end by character fractions
+(the nanoGPT convention: first 90% train), after a pass that counts its characters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lmlab.data.files import (
     SplitFiles,
+    column_pieces,
     data_files_signature,
     file_signature,
     files_key,
     load_hub_dataset,
-    read_column,
 )
 from lmlab.data.splits import SPLITS, keep_wanted, splits_to_read
 from lmlab.errors import DataError
 from lmlab.registry import register
 
+#: the item of a split's stream that marks the end of a document (``end_of_document``)
+DOC_END = None
+Documents = Callable[[], Iterable[Iterable[str]]]
+
+
+class SplitText:
+    """One split's text as a stream: :meth:`items` reads its pieces (and document ends) from the source again on
+    every call; ``span`` keeps only the characters ``[start, end)`` of the joined text (a carved split)."""
+
+    def __init__(
+        self,
+        documents: Documents,
+        join_with: str = "",
+        end_of_document: bool = False,
+        span: tuple[int, int] | None = None,
+    ) -> None:
+        self.documents, self.join_with, self.end_of_document, self.span = documents, join_with, end_of_document, span
+
+    def items(self) -> Iterator[str | None]:
+        """Pieces of text in order, with :data:`DOC_END` after each document when ``end_of_document`` is set."""
+        joined = self._joined()
+        return joined if self.span is None else _within(joined, *self.span)
+
+    def __iter__(self) -> Iterator[str]:
+        """The pieces of text alone (what a tokenizer learns from)."""
+        return (item for item in self.items() if item is not DOC_END)
+
+    def text(self) -> str:
+        """The whole text at once, for text that fits in memory."""
+        return "".join(self)
+
+    def count_chars(self) -> int:
+        return sum(len(piece) for piece in self)
+
+    def carved(self, start: int, end: int) -> SplitText:
+        return SplitText(self.documents, self.join_with, self.end_of_document, (start, end))
+
+    def _joined(self) -> Iterator[str | None]:
+        for index, document in enumerate(self.documents()):
+            if index and self.join_with and not self.end_of_document:
+                yield self.join_with
+            yield from (piece for piece in document if piece)
+            if self.end_of_document:
+                yield DOC_END
+
+
+def _within(items: Iterable[str | None], start: int, end: int) -> Iterator[str | None]:
+    """The characters ``[start, end)`` of a stream; a document end belongs to the span its last character is in."""
+    position = 0
+    for item in items:
+        if item is DOC_END:
+            if start < position <= end or position == start == 0:
+                yield item
+            continue
+        if position >= end:
+            return
+        after = position + len(item)
+        if after > start:
+            yield item[max(start - position, 0) : end - position]
+        position = after
+
 
 def carve_splits(text: str, val_fraction: float, test_fraction: float) -> dict[str, str]:
     """Contiguous split of one text: train first, then validation, then test."""
+    train_end, val_end = _carve_points(len(text), val_fraction, test_fraction)
+    return {"train": text[:train_end], "validation": text[train_end:val_end], "test": text[val_end:]}
+
+
+def _carve_points(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Where training text ends and where validation text ends, of ``n`` characters."""
     if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise DataError(
             f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum below 1."
         )
-    n = len(text)
-    train_end = int(n * (1 - val_fraction - test_fraction))
-    val_end = int(n * (1 - test_fraction))
-    return {"train": text[:train_end], "validation": text[train_end:val_end], "test": text[val_end:]}
+    return int(n * (1 - val_fraction - test_fraction)), int(n * (1 - test_fraction))
 
 
 class TextSource:
-    """Base class: subclasses implement :meth:`load` and :meth:`fingerprint`, both of the ``splits`` asked
-    for (``None``: every split)."""
+    """Base class: subclasses implement :meth:`streams` (text of any size) or :meth:`load` (text that fits in
+    memory), and :meth:`fingerprint`, each of the ``splits`` asked for (``None``: every split)."""
+
+    def streams(self, splits: Collection[str] | None = None) -> dict[str, SplitText]:
+        texts = self.load() if splits is None else self.load(splits)
+        return {name: SplitText(lambda text=text: [[text]]) for name, text in texts.items()}
 
     def load(self, splits: Collection[str] | None = None) -> dict[str, str]:
-        raise NotImplementedError
+        return {name: split.text() for name, split in self.streams(splits).items()}
 
     def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         raise NotImplementedError
@@ -79,7 +150,8 @@ class PydocTopics(TextSource):
 @register("source")
 class HubText(TextSource):
     """A Hugging Face hub data set with a text column (``datasets.load_dataset(path, name)``), or local
-    copies of it through a builder (``path=parquet``, ``data_files=...``)."""
+    copies of it through a builder (``path=parquet``, ``data_files=...``). With ``streaming`` the rows are
+    read as they download (``datasets``' streaming mode), for data sets larger than the disk cache."""
 
     def __init__(
         self,
@@ -92,31 +164,44 @@ class HubText(TextSource):
         test_fraction: float = 0.0,
         revision: str | None = None,
         data_files: Any = None,
+        streaming: bool = False,
+        end_of_document: bool = False,
     ) -> None:
         self.path, self.name, self.text_column, self.join_with = path, name, text_column, join_with
-        self.data_files = data_files
+        self.data_files, self.streaming, self.end_of_document = data_files, streaming, end_of_document
         self.splits = dict(splits or {s: s for s in SPLITS})
         self.val_fraction, self.test_fraction, self.revision = val_fraction, test_fraction, revision
 
-    def load(self, splits: Collection[str] | None = None) -> dict[str, str]:
+    def streams(self, splits: Collection[str] | None = None) -> dict[str, SplitText]:
         data = load_hub_dataset(
             self.path,
             self.name,
             self.revision,
             data_files=self.data_files,
             offline_hint="Use data=text_files with data.source.train_files=<local files>.",
+            streaming=self.streaming,
         )
-        out: dict[str, str] = {}
-        for split, hub_split in self.splits.items():
-            if hub_split not in data:
-                continue
-            if self.text_column not in data[hub_split].column_names:
-                raise DataError(
-                    f"Column '{self.text_column}' is not in {self.path}[{hub_split}] "
-                    f"(columns: {', '.join(data[hub_split].column_names)}). Set data.source.text_column."
-                )
-            out[split] = self.join_with.join(data[hub_split][self.text_column])
+        out = {
+            split: SplitText(self._rows(data[hub_split], hub_split), self.join_with, self.end_of_document)
+            for split, hub_split in self.splits.items()
+            if hub_split in data
+        }
         return keep_wanted(_fill_missing_splits(out, self.val_fraction, self.test_fraction, self.path), splits)
+
+    def _rows(self, table: Any, hub_split: str) -> Documents:
+        """The split's rows, each a document of one piece, a batch of rows at a time."""
+        where = f"{self.path}[{hub_split}]"
+
+        def documents() -> Iterator[list[str]]:
+            for batch in table.iter(batch_size=1000):
+                if self.text_column not in batch:
+                    raise DataError(
+                        f"Column '{self.text_column}' is not in {where} (columns: {', '.join(batch)}). "
+                        "Set data.source.text_column."
+                    )
+                yield from ([text or ""] for text in batch[self.text_column])
+
+        return documents
 
     def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         return {
@@ -130,12 +215,13 @@ class HubText(TextSource):
             "test": self.test_fraction,
             "revision": self.revision,
             "data_files": data_files_signature(self.data_files),
+            **({"end_of_document": True} if self.end_of_document else {}),
         }
 
 
 @register("source")
 class TextFiles(TextSource):
-    """Local text/json/jsonl/csv/parquet files, given as paths or globs for each split."""
+    """Local text/json/jsonl/csv/parquet files, given as paths or globs for each split, read a block at a time."""
 
     def __init__(
         self,
@@ -146,18 +232,23 @@ class TextFiles(TextSource):
         join_with: str = "\n",
         val_fraction: float = 0.1,
         test_fraction: float = 0.0,
+        end_of_document: bool = False,
     ) -> None:
         self.files = SplitFiles(train_files, val_files, test_files)
-        self.text_column, self.join_with = text_column, join_with
+        self.text_column, self.join_with, self.end_of_document = text_column, join_with, end_of_document
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
     def _files(self, splits: Collection[str] | None) -> dict[str, list[Path]]:
         shares = {"validation": self.val_fraction, "test": self.test_fraction}
         return self.files.resolve(splits_to_read(splits, self.files.given, shares))
 
-    def load(self, splits: Collection[str] | None = None) -> dict[str, str]:
+    def streams(self, splits: Collection[str] | None = None) -> dict[str, SplitText]:
         out = {
-            split: self.join_with.join(read_column(files, self.text_column, files_key(split)))
+            split: SplitText(
+                partial(column_pieces, files, self.text_column, files_key(split)),
+                self.join_with,
+                self.end_of_document,
+            )
             for split, files in self._files(splits).items()
         }
         if splits is None or "train" in out:
@@ -172,20 +263,25 @@ class TextFiles(TextSource):
             "join": self.join_with,
             "val": self.val_fraction,
             "test": self.test_fraction,
+            **({"end_of_document": True} if self.end_of_document else {}),
         }
 
 
-def _fill_missing_splits(out: dict[str, str], val_fraction: float, test_fraction: float, where: str) -> dict[str, str]:
+def _fill_missing_splits(
+    out: dict[str, SplitText], val_fraction: float, test_fraction: float, where: str
+) -> dict[str, SplitText]:
     """Cut validation/test text from the end of the training text when a source lacks them."""
     if "train" not in out:
         raise DataError(f"{where} has no training split.")
     carve_val = "validation" not in out and val_fraction > 0
     carve_test = "test" not in out and test_fraction > 0
     if carve_val or carve_test:
-        parts = carve_splits(out["train"], val_fraction if carve_val else 0.0, test_fraction if carve_test else 0.0)
-        out["train"] = parts["train"]
+        train = out["train"]
+        n = train.count_chars()
+        train_end, val_end = _carve_points(n, val_fraction if carve_val else 0.0, test_fraction if carve_test else 0.0)
+        out["train"] = train.carved(0, train_end)
         if carve_val:
-            out["validation"] = parts["validation"]
+            out["validation"] = train.carved(train_end, val_end)
         if carve_test:
-            out["test"] = parts["test"]
+            out["test"] = train.carved(val_end, n)
     return out
