@@ -16,6 +16,8 @@ from typing import Any
 
 import hydra
 import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -177,6 +179,10 @@ def _local_files(source: DictConfig, tmp_path: Path) -> list[str]:
         return [
             f"data.source.train.{role}={tmp_path / f'train.{lang}'}" for role, lang in (("src", "en"), ("tgt", "de"))
         ]
+    if "path" in source.keys() and OmegaConf.is_missing(source, "path"):  # any hub data set: a local parquet copy
+        rows = tmp_path / "train.parquet"
+        pq.write_table(pa.table({source.text_column: [TEXT] * 40}), rows)
+        return ["data.source.path=parquet", f"data.source.data_files={{train: '{rows}'}}"]
     if "train_files" not in source.keys() or not OmegaConf.is_missing(source, "train_files"):
         return []
     if "src" in source.get("columns", {}):
@@ -228,7 +234,7 @@ def _check_tokenizer(cfg: DictConfig, option: str, tmp_path: Path) -> None:
 def _check_data(cfg: DictConfig, option: str, tmp_path: Path) -> None:
     datamodule = hydra.utils.instantiate(cfg.data, tokenizer=hydra.utils.instantiate(cfg.tokenizer))
     assert isinstance(datamodule, L.LightningDataModule)
-    if isinstance(datamodule.source, HubText | HubTable):
+    if isinstance(datamodule.source, HubText | HubTable) and cfg.data.source.data_files is None:
         # Downloads from the hub: only check the source is built as configured, without loading it.
         assert datamodule.source.path == cfg.data.source.path
         return
@@ -415,6 +421,8 @@ def test_every_group_option_composes_validates_and_instantiates(
         overrides = [*overrides, "model=from_checkpoint", f"model.ckpt_path={tiny_lm_checkpoint()}"]
         cfg = make_cfg(overrides)
     if isinstance(cfg.get("data"), DictConfig):
+        if cfg.data.source.get("end_of_document"):  # document ends need an end-of-text token
+            overrides = [*overrides, "tokenizer=bpe", "tokenizer.vocab_size=300"]
         cfg = make_cfg([*overrides, *_local_files(cfg.data.source, tmp_path)])
     validate_config(cfg)
     check(cfg, option, tmp_path)

@@ -33,9 +33,11 @@ TASK_OF = {
 }
 #: the base every data option of a data module builds on first: its task's, unless the module has its own
 BASE_OF = {"lmlab.data.instructions.InstructionDataModule": "base/instructions"}
-#: the keys a user must give (``???``): the local files of the options that read local files
+#: the keys a user must give (``???``): the local files of the options that read local files, the data set
+#: of the option that reads any hub data set
 MANDATORY = {
     "text_files": {"data.source.train_files"},
+    "hub_text": {"data.source.path"},
     "instructions": {"data.source.train_files"},
     "labeled_files": {"data.source.train_files"},
     "translation_files": {"data.source.train_files"},

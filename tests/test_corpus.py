@@ -110,8 +110,13 @@ def test_document_ends_become_the_end_of_text_token(tmp_path: Path) -> None:
     eos = dm.tokenizer.eos_id
     expected = [i for r in rows for i in [*dm.tokenizer.encode(r["text"]), eos]]
     assert stored(dm._cache, "train") == expected
+    # refused when the data module is built (a character vocabulary is known to have none) ...
     with pytest.raises(DataError, match="end_of_document needs a tokenizer with an end-of-text token"):
-        datamodule(source, tmp_path / "cache", partial(train_char))
+        LMDataModule(source, partial(train_char), cache_dir=str(tmp_path / "cache"))
+    # ... and, for a given tokenizer without one, before any text is encoded
+    with pytest.raises(DataError, match="end_of_document needs a tokenizer with an end-of-text token"):
+        datamodule(source, tmp_path / "cache", train_char(["document abc"]))
+    assert not list((tmp_path / "cache").glob(".*.partial")), "a refused build leaves nothing to resume"
 
 
 def test_a_carved_split_keeps_a_document_end_with_its_last_character() -> None:

@@ -70,10 +70,7 @@ def prepare_split(
         if writer.position:
             log.info("Resuming the %s split after its %d finished shard(s)", name, len(writer.state["shards"]))
         if text.end_of_document and tokenizer.eos_id is None:
-            raise DataError(
-                f"data.source.end_of_document needs a tokenizer with an end-of-text token; the {tokenizer.kind} "
-                "tokenizer has none. Use tokenizer=bpe or tokenizer=word, or set data.source.end_of_document=false."
-            )
+            raise no_end_of_text(tokenizer.kind)
         batches = line_batches(text.items(), writer.position, BATCH_CHARS)
         encoder = BatchEncoder(tokenizer, num_proc or available_cores())
         started, done_before = time.perf_counter(), writer.tokens
@@ -94,6 +91,14 @@ def prepare_split(
             f"{made / max(seconds, 1e-9):,.0f}",
         )
     return {"tokens": writer.tokens, "chars": writer.chars, "shards": len(writer.state["shards"])}
+
+
+def no_end_of_text(kind: str) -> DataError:
+    """The error for document ends asked of a tokenizer that has no end-of-text token to mark them with."""
+    return DataError(
+        f"data.source.end_of_document needs a tokenizer with an end-of-text token; the {kind} tokenizer has "
+        "none. Use tokenizer=bpe or tokenizer=word, or set data.source.end_of_document=false."
+    )
 
 
 def line_batches(items: Iterable[str | None], skip: int, batch_chars: int) -> Iterator[LineBatch]:

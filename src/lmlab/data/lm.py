@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import BatchSampler, Sampler
 
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
-from lmlab.data.corpus import prepare_split
+from lmlab.data.corpus import no_end_of_text, prepare_split
 from lmlab.data.info import LMDataInfo
 from lmlab.data.storage import BatchedDataset, TokenShards
 from lmlab.data.text_sources import SplitText, TextSource
 from lmlab.errors import DataError
 from lmlab.registry import register
-from lmlab.tokenizers import Tokenizer
+from lmlab.tokenizers import Tokenizer, train_char
 
 
 class TokenBlocks(BatchedDataset):
@@ -154,6 +154,9 @@ class LMDataModule(LanguageModelData):
     ) -> None:
         super().__init__(source, tokenizer, block_size, **loading)
         self.num_proc, self.shard_tokens = num_proc, shard_tokens
+        # refused before any text is read: a character vocabulary has no end-of-text token
+        if getattr(source, "end_of_document", False) and getattr(tokenizer, "func", None) is train_char:
+            raise no_end_of_text("char")
 
     # -- building the cache ---------------------------------------------------------------
     def cache_parts(self) -> dict[str, Any]:
