@@ -6,6 +6,7 @@ runs build one entry, and training reads blocks across shard boundaries."""
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from lmlab.data.lm import LMDataModule
 from lmlab.data.storage import ShardWriter, TokenShards
 from lmlab.data.text_sources import DOC_END, HubText, SplitText, TextFiles
 from lmlab.errors import DataError, DiskFullError
+from lmlab.registry import registered
 from lmlab.tokenizers import train_bpe, train_char, train_word
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven zebras quietly graze near old rivers".split()
@@ -110,13 +112,33 @@ def test_document_ends_become_the_end_of_text_token(tmp_path: Path) -> None:
     eos = dm.tokenizer.eos_id
     expected = [i for r in rows for i in [*dm.tokenizer.encode(r["text"]), eos]]
     assert stored(dm._cache, "train") == expected
-    # refused when the data module is built (a character vocabulary is known to have none) ...
-    with pytest.raises(DataError, match="end_of_document needs a tokenizer with an end-of-text token"):
-        LMDataModule(source, partial(train_char), cache_dir=str(tmp_path / "cache"))
+    # refused when the data module is built, by what the builder declares: a character vocabulary has none,
+    # nor a pretrained tokenizer given no eos_token ...
+    for builder in (partial(train_char), partial(tokenizers.load_pretrained, name_or_path="gpt2", eos_token=None)):
+        with pytest.raises(DataError, match="end_of_document needs a tokenizer with an end-of-text token"):
+            LMDataModule(source, builder, cache_dir=str(tmp_path / "cache"))
     # ... and, for a given tokenizer without one, before any text is encoded
     with pytest.raises(DataError, match="end_of_document needs a tokenizer with an end-of-text token"):
         datamodule(source, tmp_path / "cache", train_char(["document abc"]))
     assert not list((tmp_path / "cache").glob(".*.partial")), "a refused build leaves nothing to resume"
+
+
+def test_every_tokenizer_builder_declares_its_end_of_text_token(tmp_path: Path) -> None:
+    texts = ["alpha beta gamma\n", "delta alpha beta\n"] * 20
+    tokenizer_json = tmp_path / "tokenizer.json"
+    train_bpe(texts, vocab_size=300).backend.save(str(tokenizer_json))
+    builders = [b for b in registered("tokenizer") if next(iter(inspect.signature(b).parameters)) == "texts"]
+    assert {b.__name__ for b in builders} >= {"train_char", "train_word", "train_bpe", "load_pretrained"}
+    local = {"name_or_path": str(tokenizer_json)}
+    for builder in builders:
+        pretrained = "name_or_path" in inspect.signature(builder).parameters
+        for keywords in [{**local, "eos_token": e} for e in (None, "<|endoftext|>")] if pretrained else [{}]:
+            spec = partial(builder, **keywords)
+            kind, declared = tokenizers.declared_end_of_text(spec)
+            built = spec(texts)
+            # the declaration, read before building, agrees with the tokenizer built
+            assert (kind, declared) == (built.kind, built.eos_id is not None), builder.__name__
+            assert tokenizers.declared_end_of_text(built) == (kind, declared)
 
 
 def test_a_carved_split_keeps_a_document_end_with_its_last_character() -> None:

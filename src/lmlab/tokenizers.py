@@ -11,9 +11,9 @@ import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFBackend
@@ -30,6 +30,8 @@ _BPE_SPECIALS = ("<|endoftext|>", "<pad>")
 #: the smallest vocabularies that hold a tokenizer's fixed symbols and one learned token
 WORD_MIN_VOCAB = len(_WORD_SPECIALS) + 1
 BPE_MIN_VOCAB = 256 + len(_BPE_SPECIALS)  # every byte, then the specials; merges come on top
+
+Builder = TypeVar("Builder", bound=Callable[..., Any])
 
 
 class Tokenizer(ABC):
@@ -284,13 +286,43 @@ def _word_start_before(text: str, limit: int) -> int:
     return starts[-1] if starts and starts[-1] > 0 else limit
 
 
+def builds(kind: str, end_of_text: bool | Callable[..., bool]) -> Callable[[Builder], Builder]:
+    """Tokenizer-builder decorator: what the builder makes, known before it trains or loads anything.
+
+    ``end_of_text`` says whether the tokenizer has an end-of-text token; a function of the builder's keyword
+    arguments when that depends on them. Data modules read it through :func:`declared_end_of_text` to refuse a
+    setting the tokenizer cannot serve before any text is read.
+    """
+
+    def declare(builder: Builder) -> Builder:
+        builder.tokenizer_kind, builder.end_of_text = kind, end_of_text
+        return builder
+
+    return declare
+
+
+def declared_end_of_text(spec: Any) -> tuple[str, bool | None]:
+    """The kind of tokenizer ``spec`` is or builds, and whether it has an end-of-text token (``None``: not
+    known until it is built). ``spec`` is a :class:`Tokenizer`, a builder, or a ``functools.partial`` of one."""
+    if isinstance(spec, Tokenizer):
+        return spec.kind, spec.eos_id is not None
+    builder = getattr(spec, "func", spec)
+    declared = getattr(builder, "end_of_text", None)
+    kind = getattr(builder, "tokenizer_kind", getattr(builder, "__name__", "given"))
+    if callable(declared):
+        return kind, declared(**getattr(spec, "keywords", {}))
+    return kind, declared
+
+
 @register("tokenizer")
+@builds("char", end_of_text=False)
 def train_char(texts: Iterable[str], unk: bool = True) -> CharTokenizer:
     """Character vocabulary of the training text."""
     return CharTokenizer.train(texts, unk=unk)
 
 
 @register("tokenizer")
+@builds("word", end_of_text=True)
 def train_word(
     texts: Iterable[str],
     vocab_size: int = 30000,
@@ -321,6 +353,7 @@ def train_word(
 
 
 @register("tokenizer")
+@builds("bpe", end_of_text=True)
 def train_bpe(
     texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2, train_max_chars: int | None = None
 ) -> HFTokenizer:
@@ -341,6 +374,8 @@ def train_bpe(
 
 
 @register("tokenizer")
+# a named eos_token must be in the vocabulary (loading checks it); without one there is none
+@builds("pretrained", end_of_text=lambda eos_token=None, **_: eos_token is not None)
 def load_pretrained(
     texts: Iterable[str] | None = None,
     name_or_path: str = "gpt2",

@@ -27,7 +27,7 @@ from lmlab.data.storage import BatchedDataset, TokenShards
 from lmlab.data.text_sources import SplitText, TextSource
 from lmlab.errors import DataError
 from lmlab.registry import register
-from lmlab.tokenizers import Tokenizer, train_char
+from lmlab.tokenizers import Tokenizer, declared_end_of_text
 
 
 class TokenBlocks(BatchedDataset):
@@ -154,9 +154,10 @@ class LMDataModule(LanguageModelData):
     ) -> None:
         super().__init__(source, tokenizer, block_size, **loading)
         self.num_proc, self.shard_tokens = num_proc, shard_tokens
-        # refused before any text is read: a character vocabulary has no end-of-text token
-        if getattr(source, "end_of_document", False) and getattr(tokenizer, "func", None) is train_char:
-            raise no_end_of_text("char")
+        if getattr(source, "end_of_document", False):
+            kind, has_it = declared_end_of_text(tokenizer)
+            if has_it is False:  # refused before any text is read
+                raise no_end_of_text(kind)
 
     # -- building the cache ---------------------------------------------------------------
     def cache_parts(self) -> dict[str, Any]:
