@@ -91,6 +91,23 @@ def test_shards_hold_the_ids_of_a_one_shot_tokenization(
     assert not list(dm._cache.glob("*/*.tmp")) and not list(tmp_path.joinpath("cache").glob(".*"))
 
 
+def test_a_preparation_shows_its_progress_and_reports_each_split(
+    tmp_path: Path, small_pieces: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, caplog
+) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")  # stderr as a terminal shows it
+    (tmp_path / "a.txt").write_text(corpus_text(400), encoding="utf-8")
+    source = TextFiles(str(tmp_path / "a.txt"), val_fraction=0.1)
+    with caplog.at_level("INFO", logger="lmlab"):
+        dm = datamodule(source, tmp_path / "cache")
+    bar = capsys.readouterr().err
+    train_tokens = dm.meta["splits"]["train"]["tokens"]
+    assert "tokenizing train" in bar and "tokenizing validation" in bar and "tokens/s" in bar
+    assert f"{train_tokens:,} tokens" in bar, "the bar counts the tokens made"
+    assert "100%" in bar
+    assert f"Tokenized the train split: {train_tokens:,} tokens" in caplog.text
+    assert str(dm._cache) in caplog.text, "the cache folder is named"
+
+
 def test_a_line_longer_than_the_limit_is_cut_at_a_word_start(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(tokenizers, "_MAX_LINE_CHARS", 500)
     text = corpus_text(300).replace("\n", " ")  # one line of about 15,000 characters
