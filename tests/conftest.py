@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
@@ -26,6 +27,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# the signatures the start-up checks record (lmlab.signatures) go to a folder of this test session, shared by its
+# commands, not to the user's cache
+_SIGNATURES = tempfile.mkdtemp(prefix="lmlab-signatures-")
+atexit.register(shutil.rmtree, _SIGNATURES, ignore_errors=True)
+os.environ.setdefault("LMLAB_CACHE_HOME", _SIGNATURES)
 
 # A training run in tests prints no progress bars, summaries or config and skips the sanity check.
 QUIET = [
@@ -33,6 +39,7 @@ QUIET = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "callbacks.rich_progress_bar=null",
+    "callbacks.text_progress=null",
     "callbacks.rich_model_summary=null",
     "print_config=false",
 ]
@@ -47,6 +54,25 @@ FAST = [
     "data.batch_size=8",
     "model.n_layer=1",
 ]
+
+
+#: the shared copy of each hub data option's data set: its folder under ``../shared/data`` and its splits' files
+HUB_COPIES = {
+    "wikitext2": ("wikitext-2", ["train", "validation", "test"]),
+    "hub_text": ("wikitext-2", ["train"]),
+    "imdb": ("imdb", ["train", "test"]),
+    "sst2": ("sst2", ["train", "validation"]),
+    "multi30k": ("multi30k", ["train", "validation", "test"]),
+}
+
+
+def offline_data(option: str, root: Path = SHARED_DATA, splits: Sequence[str] | None = None) -> str:
+    """The README's offline form of a hub data option (overrides, quoted for a shell), reading the copies of its
+    splits (or of ``splits``) under ``root``: the shared data, or a folder laid out the same way."""
+    folder, names = HUB_COPIES[option]
+    names = list(splits or names)
+    files = ", ".join(f"{name}: {root.resolve() / folder / name}.parquet" for name in names)
+    return f"data.source.path=parquet data.source.name=null 'data.source.data_files={{{files}}}'"
 
 
 @pytest.fixture
@@ -389,9 +415,12 @@ def mt_overrides(folder: Path, *extra: str) -> list[str]:
 # -- console scripts: each command starts a fresh interpreter (seconds of imports), so independent commands
 # run at the same time.
 class Command:
-    """A console command started in ``cwd`` as a user would type it; output goes to files beside it."""
+    """A console command started in ``cwd`` as a user would type it; output goes to files beside it, and its
+    input comes from the file ``stdin`` (none: this process's)."""
 
-    def __init__(self, args: list[str], cwd: Path, name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path, name: str, env: dict[str, str] | None = None, stdin: Path | None = None
+    ) -> None:
         base = {k: v for k, v in os.environ.items() if k != "LMLAB_ROOT"}
         env = {
             **base,
@@ -402,8 +431,12 @@ class Command:
             **(env or {}),
         }
         self.cwd, self.out_path, self.err_path = cwd, cwd / f"{name}.stdout", cwd / f"{name}.stderr"
-        with self.out_path.open("w") as out, self.err_path.open("w") as err:
-            self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        with (
+            self.out_path.open("w") as out,
+            self.err_path.open("w") as err,
+            stdin.open() if stdin else contextlib.nullcontext() as given,
+        ):
+            self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=given, stdout=out, stderr=err, text=True)
         self.returncode: int | None = None
 
     def wait(self, timeout: float = 300) -> Command:

@@ -153,7 +153,10 @@ def test_console_errors_are_one_line(tmp_path: Path) -> None:
         "eval_no_ckpt": ([script("lmlab-eval")], "ckpt_path is required"),
         "generate_no_ckpt": ([script("lmlab-generate")], "ckpt_path is required"),
         "typo": ([script("lmlab-train"), "model.n_layr=4"], "Did you mean model.n_layer=4?"),
-        "trainer_typo": ([script("lmlab-train"), "trainer.max_step=10"], "Did you mean trainer.max_steps=10?"),
+        "trainer_typo": (
+            [script("lmlab-train"), "trainer.max_step=10"],
+            "for lightning.pytorch.Trainer. Did you mean 'max_steps'?",
+        ),
         "lr": ([script("lmlab-train"), "optimizer.lr=abc"], "optimizer.lr='abc'"),
         "samples": ([script("lmlab-generate"), "ckpt_path=x.ckpt", "num_samples=0"], "num_samples=0"),
         "truncated": ([script("lmlab-eval"), f"ckpt_path={truncated}"], "is not a readable checkpoint"),

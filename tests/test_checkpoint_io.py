@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import FAST
-from lmlab.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries, temporary_name, write_atomically
+from lmlab.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries, write_atomically
+from lmlab.safe_output import temporary_name
 from lmlab.train import resolve_ckpt_path, train
 
 WRITER = """

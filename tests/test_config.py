@@ -32,12 +32,8 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 import lmlab.config as lmlab_config
 from conftest import (
-    EXCHANGES,
     FAST,
-    cls_overrides,
-    mt_overrides,
     tiny_lm_checkpoint,
-    toy_chat_lm_folder,
     toy_seq2seq_folder,
     write_exchanges,
     write_labeled,
@@ -99,12 +95,6 @@ def _text_file(tmp_path: Path) -> Path:
     if not path.exists():
         path.write_text(TEXT, encoding="utf-8")
     return path
-
-
-def _small_model(model: DictConfig) -> list[str]:
-    """Overrides that shrink whatever kind of network ``model`` configures."""
-    sizes = {"n_embd": 32, "hidden_size": 32, "n_head": 2, "n_filters": 8, "embedding_dim": 32}
-    return [f"model.{k}={v}" for k, v in sizes.items() if k in model]
 
 
 # -- every option of every group ----------------------------------------------------------------------
@@ -583,105 +573,6 @@ def recorder() -> Iterator[Callable[[], Recorder]]:
 
     yield last
     Recorder.instances.clear()
-
-
-def _walk(node: Any) -> list[Any]:
-    if isinstance(node, dict):
-        return [v for x in node.values() for v in _walk(x)]
-    if isinstance(node, list):
-        return [v for x in node for v in _walk(x)]
-    return [node]
-
-
-def _offline_data(experiment: DictConfig, text: Path, labeled: Path, pairs: Path) -> list[str]:
-    """Local data in place of an experiment's hub data set (the documented offline overrides)."""
-    if _is_seq2seq(experiment.model):
-        fast = [o for o in mt_overrides(pairs) if not o.startswith(("task=", "optimizer.", "scheduler"))]
-        if "name_or_path" in experiment.model:  # the pretrained model's own tokenizer, from a local folder
-            folder = _local_encoder(experiment.model).name_or_path
-            fast = [o for o in fast if not o.startswith("tokenizer.")] + [f"model.name_or_path={folder}"]
-        return [*fast, *_small_model(experiment.model), "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
-    if _is_classifier(experiment.model):
-        tokenizer = []
-        if "name_or_path" in experiment.model:
-            folder = _local_encoder(experiment.model).name_or_path
-            tokenizer = [f"model.name_or_path={folder}", f"tokenizer.name_or_path={folder}"]
-        fast = [
-            o
-            for o in cls_overrides(labeled)
-            if not o.startswith(("task=", "optimizer.", "trainer.max_steps", "trainer.val_check_interval"))
-        ]
-        return [
-            *fast,
-            *tokenizer,
-            "trainer.max_steps=20",
-            "trainer.val_check_interval=10",
-            "trainer.limit_val_batches=2",
-            "trainer.limit_test_batches=2",
-        ]
-    if "name_or_path" in experiment.model:  # instruction tuning of a pretrained causal LM: alpaca_data.json
-        alpaca = text.parent / "alpaca_data.json"
-        rows = [{"instruction": p, "input": "", "output": r} for p, r in EXCHANGES.items()] * 10
-        alpaca.write_text(json.dumps(rows), encoding="utf-8")
-        return [
-            "data.source.path=json",
-            f"data.source.data_files={alpaca}",
-            "data.source.val_fraction=0.1",
-            "data.source.test_fraction=0.1",
-            f"model.name_or_path={toy_chat_lm_folder()}",
-            *[o for o in FAST_OVERRIDES if not o.startswith("++model.")],
-        ]
-    return [
-        "data=text_files",
-        f"data.source.train_files={text}",
-        "data.source.test_fraction=0.1",
-        *FAST_OVERRIDES,
-        *_small_model(experiment.model),
-    ]
-
-
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_trains(
-    name: str, make_cfg, learnable_text: Path, labeled_dir: Path, pairs_dir: Path, tmp_path: Path
-) -> None:
-    experiment = make_cfg([f"experiment={name}"])
-    validate_config(experiment)
-    # Offline and small: local data, a tiny network, CPU.
-    overrides = [
-        f"experiment={name}",
-        *_offline_data(experiment, learnable_text, labeled_dir, pairs_dir),
-        "data.num_workers=0",
-        "data.pin_memory=false",
-        "trainer.accelerator=cpu",
-        "trainer.devices=1",
-        "trainer.precision=32-true",
-    ]
-    cfg = make_cfg(overrides, run_dir=tmp_path / "exp_run")
-    # the experiment's own choices survive the offline overrides
-    for key in (
-        "task_name",
-        "task.module._target_",
-        "model._target_",
-        "tokenizer._target_",
-        "optimizer._target_",
-        "scheduler._target_",
-    ):
-        assert OmegaConf.select(cfg, key) == OmegaConf.select(experiment, key), key
-
-    value = train(cfg)
-
-    assert value is not None and math.isfinite(value)
-    ckpt = torch.load(tmp_path / "exp_run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == cfg.trainer.max_steps
-    saved = ckpt["lmlab"]["config"]
-    assert saved["task_name"] == experiment.task_name
-    assert saved["model"]["_target_"] == experiment.model._target_
-    assert not any(isinstance(v, str) and "${" in v for v in _walk(saved))
-    metrics = json.loads((tmp_path / "exp_run" / "metrics.json").read_text())["metrics"]
-    expected = (
-        "test/acc" if _is_classifier(experiment.model) else "test/bleu" if _is_seq2seq(experiment.model) else "test/ppl"
-    )
-    assert expected in metrics
 
 
 # -- debug presets ----------------------------------------------------------------------------------

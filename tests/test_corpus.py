@@ -321,7 +321,11 @@ def test_a_full_disk_stops_with_the_fix_and_the_next_run_continues(tmp_path: Pat
         with pytest.raises(DiskFullError) as info:
             datamodule(source, tmp_path / "cache", bpe, shard_tokens=2000)
     message = str(info.value)
-    assert "is full" in message and "data.cache_dir" in message and "resumes from its last finished shard" in message
+    assert (
+        "no space left on" in message
+        and "data.cache_dir" in message
+        and "resumes from its last finished shard" in message
+    )
     assert not list((tmp_path / "cache").glob("[!.]*")), "nothing looks like a finished entry"
     resumed = datamodule(source, tmp_path / "cache", bpe, shard_tokens=2000)
     whole = datamodule(source, tmp_path / "fresh", bpe, shard_tokens=2000)

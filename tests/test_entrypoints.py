@@ -4,6 +4,7 @@ in-process and through the console scripts as a user types them; and the errors 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -24,7 +25,9 @@ from omegaconf import DictConfig, open_dict
 from conftest import FAST, Command, script
 from lmlab.checkpoint import load_task
 from lmlab.config import config_dir
-from lmlab.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError, TokenizerError
+from lmlab.data.tables import AlignedTextFiles, HubTable
+from lmlab.data.text_sources import HubText, PydocTopics
+from lmlab.errors import CheckpointMismatchError, ConfigError, DataError, NonFiniteLossError, TokenizerError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate_samples
 from lmlab.tasks.lm import LanguageModelingTask
@@ -119,6 +122,52 @@ def test_evaluate_one_split_and_writes_metrics(trained: dict[str, Any], make_cfg
     assert saved["metrics"] == metrics and saved["ckpt_path"] == str(trained["best"])
     with pytest.raises(ConfigError, match="train"):
         evaluate(make_cfg([f"ckpt_path={trained['best']}", "splits=[train]"], config_name="eval"))
+
+
+def test_evaluate_scores_the_splits_there_are_and_names_why_others_are_not(
+    trained: dict[str, Any], make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = f"ckpt_path={trained['best']}"
+    no_test = [ckpt, "++data.source.test_fraction=0.0"]
+    with caplog.at_level(logging.WARNING, logger="lmlab"):
+        metrics = evaluate(make_cfg(no_test, config_name="eval"))
+    assert set(metrics) == {"val/loss", "val/ppl", "val/bpc"}
+    assert "Skipping the test split: no data.source.test_files are given and data.source.test_fraction is 0" in (
+        caplog.text
+    )
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["splits"] == ["validation"] and saved["metrics"] == metrics
+    assert "data.source.test_fraction is 0" in saved["skipped"]["test"]
+    # asked for by name, a split the data lacks is an error with the reason; val is validation
+    with pytest.raises(DataError, match=r"splits=\[test\]: the data has no test split: no data.source.test_files"):
+        evaluate(make_cfg([*no_test, "splits=[test]"], config_name="eval"))
+    assert evaluate(make_cfg([*no_test, "splits=[val]"], config_name="eval")) == metrics
+    # a split shorter than one block: the checkpoint fixes data.block_size, so the advice is more text
+    with pytest.raises(DataError, match=r"test split has \d+ tokens, fewer than one block of data.block_size\+1=33"):
+        evaluate(make_cfg([ckpt, "++data.source.test_fraction=0.001", "splits=[test]"], config_name="eval"))
+    with pytest.raises(DataError, match=r"Nothing to score: the data has no validation split: .*; no test split"):
+        evaluate(make_cfg([*no_test, "++data.source.val_fraction=0.0"], config_name="eval"))
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        (
+            HubText("karpathy/tiny_shakespeare", test_fraction=0.0),
+            "the data set 'karpathy/tiny_shakespeare' has no 'test' split and data.source.test_fraction is 0 "
+            "(map one of its splits to it (data.source.splits.test=<split>), or set data.source.test_fraction above 0 "
+            "to have one cut from the end of the training text)",
+        ),
+        (
+            HubTable("parquet", {"text": "t"}, splits={"train": "train"}, data_files={"train": "t.parquet"}),
+            "data.source.splits maps nothing to test and data.source.test_fraction is 0",
+        ),
+        (PydocTopics(test_fraction=0.0), "data.source.test_fraction is 0 (set it above 0 to have a test split cut"),
+        (AlignedTextFiles({"src": "a", "tgt": "b"}), "no data.source.test files are given"),
+    ],
+)
+def test_a_source_says_why_it_has_no_test_split(source: Any, reason: str) -> None:
+    assert source.absent_reason("test").startswith(reason)
 
 
 # -- generate -------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from conftest import FAST, Command, compose_cfg, script
 from lmlab.checkpoint import load_language_model
-from lmlab.errors import ConfigError, ExportError
+from lmlab.errors import ExportError
 from lmlab.export import export
 from lmlab.generation import generate
 from lmlab.models.gpt import GPT
@@ -62,6 +62,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return found
 
 
+def _staged_beside(out: Path) -> list[Path]:
+    """What an export left beside ``out`` while it wrote (hidden, named after ``out``): nothing, once it ended."""
+    return list(out.parent.glob(f".{out.name}~*"))
+
+
 def _export(ckpt: Path, out: Path, *extra: str) -> Path:
     return export(compose_cfg(out.parent, [f"ckpt_path={ckpt}", f"out={out}", *extra], config_name="export"))
 
@@ -105,7 +110,7 @@ def test_folder_holds_safetensors_config_tokenizer_and_a_model_card(
     folder = exported["llama_bpe"]
     for file in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
         assert (folder / file).is_file(), file
-    assert not folder.with_name(folder.name + ".partial").exists()
+    assert not _staged_beside(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["num_key_value_heads"] == 2 and config["num_attention_heads"] == 4
     assert config["architectures"] == ["LlamaForCausalLM"] and config["attention_bias"] is False
@@ -144,18 +149,7 @@ def test_what_has_no_equivalent_is_refused_with_what_maps(
 def test_failed_check_leaves_no_folder(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="differ from lmlab's"):
         _export(checkpoints["gpt_char"], tmp_path / "out", "check_atol=-1")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
-
-
-def test_a_non_empty_folder_needs_overwrite(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="overwrite=true"):
-        _export(checkpoints["gpt_char"], out)
-    assert (out / "notes.txt").read_text() == "mine"
-    _export(checkpoints["gpt_char"], out, "overwrite=true")
-    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+    assert not (tmp_path / "out").exists() and not _staged_beside(tmp_path / "out")
 
 
 def test_a_network_built_in_code_maps_the_same_way() -> None:
@@ -252,4 +246,4 @@ def test_a_classifier_checkpoint_is_refused_naming_what_exports(tmp_path: Path) 
     classifier = Path(__file__).parent / "fixtures" / "checkpoints" / "cls_bigru.ckpt"
     with pytest.raises(ExportError, match="is a RNNClassifier checkpoint: lmlab-export writes language models"):
         _export(classifier, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out").exists() and not _staged_beside(tmp_path / "out")

@@ -7,6 +7,7 @@ what a hard kill loses."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import stat
@@ -106,10 +107,13 @@ def test_stop_signal_saves_last_finished_step_and_resume_matches(
     make_cfg,
     learnable_text: Path,
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with pytest.raises(RunInterrupted) as stopped:
+    with caplog.at_level(logging.INFO), pytest.raises(RunInterrupted) as stopped:
         _train(make_cfg, [*_run_base(learnable_text), *_signal_at(step, signum, during_validation)], tmp_path / "B")
     assert stopped.value.exit_code == 128 + getattr(signal, signum)
+    # a Ctrl-C is reported as one (Lightning logs "Received SIGTERM" for a SIGTERM only)
+    assert any("SIGTERM" in message for message in caplog.messages) == (signum == "SIGTERM"), caplog.messages
     saved = tmp_path / "B" / "checkpoints" / "interrupted.ckpt"
     message = str(stopped.value)
     assert str(saved) in message and "ckpt_path=" in message and f"step {step}" in message

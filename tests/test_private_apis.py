@@ -78,10 +78,14 @@ def test_model_checkpoint_internals() -> None:
     assert "_defer_save_until_validation" in source, "validation end no longer performs a deferred save"
 
 
-def test_rich_progress_bar_train_description() -> None:
-    # callbacks.ProgressBar replaces the "Epoch 3/-2" description
+def test_rich_progress_bar_parts_the_run_bar_uses() -> None:
+    # progress.ProgressBar replaces the epoch's description and total, and keeps one bar for the run
     assert "current_epoch" in inspect.signature(RichProgressBar._get_train_description).parameters
-    assert hasattr(RichProgressBar(), "validation_description")
+    bar = RichProgressBar()
+    for name in ("validation_description", "progress", "train_progress_bar_id", "theme"):
+        assert hasattr(bar, name), name
+    assert isinstance(inspect.getattr_static(RichProgressBar, "total_train_batches"), property)
+    assert "total_train_batches" in inspect.getsource(RichProgressBar.on_train_epoch_start)
 
 
 def test_subprocess_launcher_hooks() -> None:
@@ -156,3 +160,12 @@ def test_hydra_config_repository_for_help_and_data_options() -> None:
     # the running app's folders: HydraConfig.get().runtime.config_sources
     assert "config_sources" in {f.name for f in dataclasses.fields(RuntimeConf)}
     assert {"provider", "path", "schema"} <= {f.name for f in dataclasses.fields(ConfigSourceInfo)}
+
+
+def test_wandb_logger_init_arguments() -> None:
+    # loggers: a W&B run is named and grouped through what WandbLogger hands wandb.init, before the run starts
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(project="p", name=None, group=None, offline=True)
+    assert isinstance(logger._wandb_init, dict) and "name" in logger._wandb_init and "project" in logger._wandb_init
+    assert "self._wandb_init" in inspect.getsource(WandbLogger.experiment.fget)

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXCHANGES, SHARED_DATA
+from conftest import offline_data as _offline
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -70,20 +71,6 @@ MT_STEPS = f"{CLS_STEPS} data.eval_batch_size=16"
 SMALL_TRANSFORMER = "model.n_embd=64 model.n_head=2 model.encoder_layers=1 model.decoder_layers=1"
 SMALL_RNN = "model.embedding_dim=32 model.hidden_size=64 model.encoder_layers=1 model.decoder_layers=1"
 TRIALS = "hydra.sweeper.n_trials=2"
-
-
-def _offline(option: str) -> str:
-    """The README's offline form of a hub data option, reading the shared copies of its splits."""
-    splits = {
-        "wikitext2": ("wikitext-2", ["train", "validation", "test"]),
-        "hub_text": ("wikitext-2", ["train"]),
-        "imdb": ("imdb", ["train", "test"]),
-        "sst2": ("sst2", ["train", "validation"]),
-        "multi30k": ("multi30k", ["train", "validation", "test"]),
-    }[option]
-    folder, names = splits
-    files = ", ".join(f"{name}: {SHARED_DATA.resolve() / folder / name}.parquet" for name in names)
-    return f"data.source.path=parquet data.source.name=null 'data.source.data_files={{{files}}}'"
 
 
 @dataclass(frozen=True)
@@ -356,6 +343,59 @@ def test_every_readme_command_has_one_row() -> None:
     assert not missing, f"README commands without a row in ROWS: {missing}"
     assert not stale, f"rows for commands the README no longer has: {stale}"
     assert len(commands) == len(set(commands)), "a README command appears twice"
+
+
+#: a word the shell hands an lmlab command as a Hydra override: ``key=value``, ``+key=value``, ``group/option=x``
+OVERRIDE = re.compile(r"[+~]{0,2}[A-Za-z_][\w./@-]*=")
+#: what ends the words of one command in a command line
+SHELL_OPERATORS = {"|", "||", "&", "&&", ";", ">", ">>", "<", "2>", "(", ")"}
+
+
+def readme_prose_commands(text: str) -> list[str]:
+    """The commands the README's prose shows in inline code (`lmlab-train ... key=value`, a span wrapped over
+    lines joined): a reader pastes them as they are."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    spans = (" ".join(match.group(1).split()) for match in re.finditer(r"`([^`]+)`", prose))
+    return [span for span in spans if re.search(r"(^|\s)lmlab-\w+", span)]
+
+
+def lmlab_overrides(command: str) -> list[str]:
+    """The words an lmlab command of ``command`` gets as the shell splits them, quotes removed (``shlex`` quotes
+    as POSIX shells do), up to the operator that ends it (a pipe, a redirection)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars="|&;<>()")
+    lexer.whitespace_split = True
+    words, inside = [], False
+    for word in lexer:
+        if word in SHELL_OPERATORS:
+            inside = False
+        elif word.startswith("lmlab-"):
+            inside = True
+        elif inside and OVERRIDE.match(word):
+            words.append(word)
+    return words
+
+
+def test_every_readme_command_reads_as_bash_and_hydra_read_it() -> None:
+    """What a reader pastes into bash: bash parses every command (an unquoted ``<|`` is a stray redirection and
+    pipe), and every override it hands an lmlab command parses in Hydra's grammar (``'<|endoftext|>'`` loses its
+    quotes to the shell; Hydra needs them, so the README quotes the whole override again)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    text = README.read_text(encoding="utf-8")
+    commands = [c for section in SECTIONS.values() for c in section] + readme_prose_commands(text)
+    assert "lmlab-export ckpt_path=... out=DIR" in commands, "inline commands are read too"
+    syntax = subprocess.run(["bash", "-n"], input="\n".join(commands) + "\n", capture_output=True, text=True)
+    line = re.search(r"line (\d+):", syntax.stderr)
+    shown = commands[int(line.group(1)) - 1] if line else ""
+    assert syntax.returncode == 0, f"bash cannot parse the README's `{shown}`: {syntax.stderr.strip()}"
+    parser = OverridesParser.create()
+    for command in commands:
+        for word in lmlab_overrides(command):
+            try:
+                parser.parse_overrides([word])
+            except Exception as err:  # Hydra's parser raises its own exception types
+                reason = str(err).splitlines()[0]
+                pytest.fail(f"the README's `{command}` hands Hydra `{word}`, which it cannot parse ({reason})")
 
 
 def test_rows_add_only_limits_and_offline_data() -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
-from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import RichModelSummary
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -158,35 +158,6 @@ class PeriodicCheckpoint(L.Callback):
             self._last_save = time.monotonic()
 
 
-class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar; a run without an epoch limit reads "Epoch 3", not "Epoch 3/-2".
-
-    It shows the training metrics (``train/*``, which the tasks log without ``prog_bar``) as of the last step the
-    trainer wrote logs (``trainer.log_every_n_steps``): reading them from a GPU every step would make each step
-    wait for the device.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._training: dict[str, float] = {}
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if not self._training or trainer.global_step % trainer.log_every_n_steps == 0:
-            metrics = trainer.callback_metrics.items()
-            self._training = {name: float(value) for name, value in metrics if name.startswith("train/")}
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        return {**super().get_metrics(trainer, pl_module), **self._training}
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        if self.trainer.max_epochs not in (None, -1):
-            return super()._get_train_description(current_epoch)
-        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
-
-
 class ModelSummary(RichModelSummary):
     """Lightning's rich model summary without its FLOPs column, which reads 0 for every model that was not
     measured with a sample input."""
@@ -266,9 +237,9 @@ class InterruptCheckpoint(L.Callback):
     inside training, so nothing is lost.
 
     The state saved is that of the last finished step; a validation that was cut short runs again after
-    the resume. Not saved: after a non-finite loss (resuming would only reproduce it), after a second
-    Ctrl-C (stop at once), and when no training batch ran in this process (the checkpoint it resumed from
-    is still the newest).
+    the resume. Not saved: after a non-finite loss (resuming would only reproduce it), after a full disk
+    (the save would fail too), after a second Ctrl-C (stop at once), and when no training batch ran in this
+    process (the checkpoint it resumed from is still the newest).
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted.ckpt") -> None:
@@ -287,11 +258,11 @@ class InterruptCheckpoint(L.Callback):
             self._validated_at = trainer.global_step
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        from lmlab.errors import NonFiniteLossError
+        from lmlab.errors import DiskFullError, NonFiniteLossError
         from lmlab.preemption import StopRequested
 
         if (
-            isinstance(exception, NonFiniteLossError | KeyboardInterrupt | StopRequested)
+            isinstance(exception, NonFiniteLossError | DiskFullError | KeyboardInterrupt | StopRequested)
             or trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
             or not self._trained

@@ -13,6 +13,7 @@ quits. With stdin not a terminal, all of stdin is one message and the reply is p
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -20,7 +21,7 @@ from typing import Any, TextIO
 import torch
 from omegaconf import DictConfig
 
-from lmlab.chat_format import ChatFormat
+from lmlab.chat_format import ChatFormat, RenderLimits
 from lmlab.checkpoint import load_language_model
 from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
@@ -29,6 +30,8 @@ from lmlab.language_model import LanguageModel
 from lmlab.runtime import user_errors
 from lmlab.textio import read_input_text
 
+log = logging.getLogger("lmlab")
+
 COMMANDS = {"/reset": "forget the conversation so far", "/exit": "quit"}
 
 
@@ -36,12 +39,18 @@ class Conversation:
     """The turns so far (messages ``{"role": ..., "content": ...}``), and the sampling of each reply."""
 
     def __init__(
-        self, model: LanguageModel, user_prefix: str, assistant_prefix: str, template: str = "auto", **sampling: Any
+        self,
+        model: LanguageModel,
+        user_prefix: str,
+        assistant_prefix: str,
+        template: str = "auto",
+        template_limits: RenderLimits | None = None,
+        **sampling: Any,
     ) -> None:
         if model.tokenizer is None:
             raise ConfigError("This checkpoint holds no tokenizer, so it cannot read messages.")
         self.model, self.tokenizer = model, model.tokenizer
-        self.format = ChatFormat.for_tokenizer(self.tokenizer, template, user_prefix, assistant_prefix)
+        self.format = ChatFormat.for_tokenizer(self.tokenizer, template, user_prefix, assistant_prefix, template_limits)
         self.max_new_tokens = int(sampling.pop("max_new_tokens"))
         seed = sampling.pop("seed")
         device = next(model.net.parameters()).device
@@ -56,8 +65,8 @@ class Conversation:
 
     def prompt_ids(self, message: str) -> list[int]:
         """The conversation with ``message`` and the start of the reply, in as many of the latest turns as leave
-        :meth:`reply_room` in the context (the end of ``message`` alone if even it does not)."""
-        block = getattr(self.model.net, "block_size", None)
+        :meth:`reply_room` in the context (the end of ``message`` alone, with a warning, if even it does not)."""
+        block = self.model.context
         turns = [*self.turns, {"role": "user", "content": message}]
         self.dropped = 0
         while True:
@@ -65,7 +74,20 @@ class Conversation:
             if block is None or len(ids) + self.reply_room(block) <= block or len(turns) == 1:
                 break
             turns, self.dropped = turns[2:], self.dropped + 1
-        return ids[-(block - self.reply_room(block)) :] if block is not None else ids
+        if block is None:
+            return ids
+        fits = block - self.reply_room(block)
+        if len(ids) > fits:
+            log.warning(
+                "The message takes %d tokens, more than the %d that the model's context (data.block_size=%d) leaves "
+                "beside a reply of %d: only its last %d are read.",
+                len(ids),
+                fits,
+                block,
+                self.reply_room(block),
+                fits,
+            )
+        return ids[-fits:]
 
     def reply_room(self, block: int) -> int:
         """The context left for the reply: ``max_new_tokens``, at most half the context (a longer reply
@@ -163,6 +185,7 @@ def chat(cfg: DictConfig, stdin: TextIO | None = None, out: TextIO | None = None
         cfg.user_prefix,
         cfg.assistant_prefix,
         cfg.template,
+        RenderLimits.of(cfg.template_limits, "template_limits"),
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_k=cfg.top_k or None,

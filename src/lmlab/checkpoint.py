@@ -24,6 +24,7 @@ from lmlab.config import accepted_keys, locate
 from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, UnsafeCheckpointError
 from lmlab.language_model import LanguageModel
 from lmlab.models.lora import load_adapted, weights_source
+from lmlab.prechecks import checkpoint_file
 from lmlab.registry import register
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
@@ -45,9 +46,7 @@ _REMOTE_CODE_KEY = "auto_map"
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict, read without unpickling objects and checked by :func:`verify_checkpoint`."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path: no checkpoint at '{path}'.")
+    path = checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -3,60 +3,45 @@
 Lightning's default writer streams a checkpoint through a temporary file in ``$TMPDIR`` and moves it
 into place; across filesystems the move is a copy, so a kill during it leaves a truncated
 ``last.ckpt`` (and the temporary file, hundreds of MB, behind). Here a checkpoint is written to a
-temporary file beside its destination, flushed to disk and renamed over it: a reader sees the old
-file or the new one, never a part. Temporary files of a process that was killed are removed by the
-next run (:func:`remove_stale_temporaries`).
+temporary file beside its destination, flushed to disk and renamed over it (:func:`lmlab.safe_output.atomic_file`):
+a reader sees the old file or the new one, never a part. Temporary files of a process that was killed are
+removed by the next run (:func:`remove_stale_temporaries`). A disk that fills during a save ends the run with
+one line that names the last complete checkpoint to resume from.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from lmlab.safe_output import TMP_SUFFIX, atomic_file, left_by_a_dead_process
+
 log = logging.getLogger("lmlab")
-TMP_SUFFIX = ".tmp"
 
 
-def temporary_name(path: Path) -> Path:
-    """``.<name>~<host>~<pid>.tmp`` beside ``path``: hidden, and naming the process that writes it."""
-    return path.with_name(f".{path.name}~{socket.gethostname()}~{os.getpid()}{TMP_SUFFIX}")
+def write_atomically(obj: Any, path: str | Path, advice: Callable[[Path], str] | None = None) -> None:
+    """``torch.save(obj, path)`` through a flushed temporary file renamed into place; a full disk is one
+    :class:`~lmlab.errors.DiskFullError` line ending with ``advice(path)`` (default: run it again)."""
+    with atomic_file(path, advice=advice) as f:
+        torch.save(obj, f)
 
 
-def write_atomically(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` through a flushed temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
-        with tmp.open("wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a crash right after it keeps the new file)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def resume_advice(path: Path) -> str:
+    """What to do after a full disk stopped training while ``path`` was written: resume from the newest checkpoint
+    beside it (each was renamed into place whole, and ``path`` itself, if it exists, is its previous version)."""
+    done = [p for p in path.parent.glob("*.ckpt") if p.is_file()]
+    if not done:
+        return f"no checkpoint in {path.parent} is complete: free space and run it again."
+    last = max(done, key=lambda p: p.stat().st_mtime)
+    return (
+        f"the last complete checkpoint is {last}; free space and resume with: lmlab-train ckpt_path={last} "
+        "(the run continues with its own config)."
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -69,7 +54,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        write_atomically(checkpoint, path)
+        write_atomically(checkpoint, path, advice=resume_advice)
 
 
 def remove_stale_temporaries(root: str | Path) -> list[Path]:
@@ -77,14 +62,11 @@ def remove_stale_temporaries(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    host = socket.gethostname()
     removed = []
     for tmp in root.glob(f"**/checkpoints/.*{TMP_SUFFIX}"):
-        parts = tmp.name[: -len(TMP_SUFFIX)].rsplit("~", 2)
-        if len(parts) != 3 or parts[1] != host or not parts[2].isdigit() or _alive(int(parts[2])):
-            continue
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
+        if tmp.is_file() and left_by_a_dead_process(tmp):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
     if removed:
         log.info(
             "Removed %d partial checkpoint file(s) left by killed runs: %s",
@@ -92,13 +74,3 @@ def remove_stale_temporaries(root: str | Path) -> list[Path]:
             ", ".join(str(p) for p in removed),
         )
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
@@ -28,7 +29,8 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from lmlab.config import config_dir
+from lmlab.config import TrainSchema, config_dir
+from lmlab.errors import LmlabError
 
 if TYPE_CHECKING:
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -38,13 +40,14 @@ _OURS = "LMLAB_HYDRA_ERRORS"
 
 
 def lmlab_main(
-    config_name: str, overlays: tuple[str, ...] = ()
+    config_name: str, overlays: tuple[str, ...] = (), continues_runs: bool = False
 ) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Decorator for an entry point's task function, in place of ``hydra.main``.
 
     ``overlays`` names groups whose keys may be set without choosing an option (``lmlab-eval`` takes
     ``data.source.test_files=...`` on top of the checkpoint's own data settings): unless the group is
-    chosen, such overrides are passed to Hydra as ``++key=value``, which adds the key.
+    chosen, such overrides are passed to Hydra as ``++key=value``, which adds the key. ``continues_runs``: a
+    ``ckpt_path`` of a run continues that run, in its folder and with its config (:mod:`lmlab.runs`).
     """
 
     def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
@@ -56,7 +59,15 @@ def lmlab_main(
             if {"-sc", "--shell-completion"} & set(sys.argv[1:]):
                 _complete_what_users_pick()
             with hydra_errors():
-                return hydra_main()
+                if continues_runs:
+                    sys.argv[1:] = _continue_the_run(sys.argv[1:], config_name)
+                while True:
+                    try:
+                        return hydra_main()
+                    except ConfigCompositionException as err:
+                        added = _as_argument_of_an_open_node(err)
+                        if added is None:
+                            raise
 
         return run
 
@@ -72,6 +83,46 @@ def _as_overlays(args: list[str], groups: tuple[str, ...]) -> list[str]:
             arg = "++" + arg
         out.append(arg)
     return out
+
+
+def _continue_the_run(args: list[str], config_name: str) -> list[str]:
+    """``args`` that continue the run their ``ckpt_path`` belongs to; ``args`` as they are where the config does
+    not compose (Hydra then reports why)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lmlab import runs
+
+    def composed(overrides: list[str]) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+
+    try:
+        return runs.continue_the_run(args, composed)
+    except (HydraException, OmegaConfBaseException):
+        return args
+    finally:
+        GlobalHydra.instance().clear()
+
+
+#: nodes that take every argument of their target, not only the keys their YAML writes: ``trainer.max_time=...``
+#: is any ``lightning.Trainer`` argument, checked against its signature when the run starts
+_OPEN_NODES = ("trainer",)
+
+
+def _as_argument_of_an_open_node(err: ConfigCompositionException) -> str | None:
+    """For an override that Hydra refused because its YAML has no such key, in an open node: the command line with
+    that override written as ``++key=value`` (which adds the key), and the override; ``None`` for any other error."""
+    cause = err.__cause__
+    full_key = getattr(cause, "full_key", None) if isinstance(cause, ConfigAttributeError | ConfigKeyError) else None
+    if not full_key or full_key.split(".", 1)[0] not in _OPEN_NODES:
+        return None
+    for i, arg in enumerate(sys.argv[1:], start=1):
+        if arg.split("=", 1)[0] == full_key:
+            sys.argv[i] = "++" + arg
+            return arg
+    return None
 
 
 def _complete_what_users_pick() -> None:
@@ -150,6 +201,8 @@ def hydra_errors() -> Iterator[None]:
 def explain(err: BaseException) -> str | None:
     """The one-line message for an error Hydra reports (``None``: not one of those, keep the traceback)."""
     cause = err.__cause__
+    if isinstance(err, LmlabError):
+        return str(err)
     if isinstance(err, ConfigCompositionException) and isinstance(cause, ConfigAttributeError | ConfigKeyError):
         unknown = _unknown_key(err, cause)
         if unknown:
@@ -169,16 +222,34 @@ def explain(err: BaseException) -> str | None:
         )
     if type(err).__name__ == "UncompletedJobError" and type(err).__module__.startswith("submitit"):
         return _failed_job(str(err))
-    if isinstance(err, MissingConfigException) and err.options:
-        # "Could not find 'model/gtp'" and the options, without Hydra's search path
-        head = str(err).split("\n")[0].strip()
-        return f"{head}. Available options: {', '.join(err.options)}."
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and "/" in err.missing_cfg_file:
+        return _missing_option(err)
     if isinstance(err, HydraException | OmegaConfBaseException):
         text = str(err).strip()
         if isinstance(cause, OmegaConfBaseException) and str(cause) not in text:
             text += f" ({' '.join(str(cause).split())})"
         return text
     return None
+
+
+def _missing_option(err: MissingConfigException) -> str:
+    """``model=gtp``, ``experiment=shakespeare_char``: the option does not exist. Name the closest options (an
+    option in a folder of the group by its own name too: ``lm/shakespeare_char``) and list them all, without
+    Hydra's search path."""
+    from lmlab.config import group_options
+
+    missing = str(err.missing_cfg_file)
+    typed = [arg.lstrip("+~").split("=", 1)[0] for arg in sys.argv[1:] if "=" in arg]
+    group = next((g for g in typed if missing.startswith(g + "/")), missing.rpartition("/")[0])
+    name = missing[len(group) + 1 :]
+    head = str(err).split("\n")[0].strip()
+    options = group_options(group) or list(err.options or [])
+    if not options:
+        return head
+    same_name = [option for option in options if option.rpartition("/")[2] == name]
+    close = same_name or difflib.get_close_matches(name, options, n=2, cutoff=0.6)
+    suggestion = f" Did you mean {' or '.join(f'{group}={option}' for option in close)}?" if close else ""
+    return f"{head}.{suggestion} Available options: {', '.join(options)}."
 
 
 def _failed_job(text: str) -> str:
@@ -205,29 +276,104 @@ def _unknown_key(err: BaseException, cause: OmegaConfBaseException) -> str | Non
     prefix = full_key.rpartition(".")[0]
     valid = sorted(str(k) for k in parent.keys() if not str(k).startswith("_"))
     close = difflib.get_close_matches(str(key), valid, n=1)
+    # a key of a group given without its group (lr=1e-3 for optimizer.lr)
+    elsewhere = [] if close else _keys_named(parent._get_root(), str(key))
     place = f"'{prefix}'" if prefix else "the config"
-    suggestion = f" Did you mean {_join(prefix, close[0])}={given}?" if close else ""
+    named = [_join(prefix, close[0])] if close else elsewhere[:3]
+    suggestion = f" Did you mean {' or '.join(f'{name}={given}' for name in named)}?" if named else ""
     return (
         f"{full_key} is not a key of {place}.{suggestion} Valid keys: {', '.join(valid)}. "
         f"(To add a new key on purpose, write +{full_key}={given}.)"
     )
 
 
+def _keys_named(node: Any, key: str, path: str = "") -> list[str]:
+    """The full names of the keys called ``key`` below ``node`` (Hydra's own settings left out)."""
+    if not isinstance(node, DictConfig):
+        return []
+    found = []
+    for name in node.keys():
+        full = _join(path, str(name))
+        if full == "hydra":
+            continue
+        if name == key:
+            found.append(full)
+        found += _keys_named(node._get_node(name), key, full)
+    return found
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _console(config_name: str, module: str, overlays: tuple[str, ...] = ()) -> Callable[[], Any]:
-    """The console script of ``module``'s ``run(cfg)``, imported when the run starts."""
+def _console(
+    config_name: str,
+    module: str,
+    overlays: tuple[str, ...] = (),
+    schema: type | None = None,
+    reads_data: bool = False,
+    continues_runs: bool = False,
+) -> Callable[[], Any]:
+    """The console script of ``module``'s ``run(cfg)``, imported when the run starts, once the config passed the
+    checks that need no heavy import (:mod:`lmlab.prechecks`; ``schema``: the top-level keys the command takes,
+    ``reads_data``: the command reads every data file the config names)."""
 
     def run(cfg: DictConfig) -> Any:
-        return importlib.import_module(module).run(cfg)
+        from lmlab.prechecks import check_before_imports
+        from lmlab.runtime import user_errors
+
+        with _run_folder_kept_only_if_used():
+            with user_errors():
+                check_before_imports(cfg, schema, reads_data)
+            return importlib.import_module(module).run(cfg)
 
     run.__module__ = module  # Hydra names the job (and its log file) after the task function's module
-    return lmlab_main(config_name, overlays)(run)
+    return lmlab_main(config_name, overlays, continues_runs)(run)
 
 
-train = _console("train", "lmlab.train")
+@contextlib.contextmanager
+def _run_folder_kept_only_if_used() -> Iterator[None]:
+    """A command that fails before it wrote anything of its own leaves no run folder behind: only Hydra's files
+    (``.hydra/``, the log) and the printed config would be in it. One that fails later (a training run that
+    diverged) keeps its folder, marked failed in ``metrics.json``. A DDP worker leaves the folder to rank 0."""
+    try:
+        yield
+    except BaseException as err:
+        if not (isinstance(err, SystemExit) and err.code in (0, None)):
+            _clean_up_failed_run(err)
+        raise
+
+
+#: what a run folder holds before the command wrote anything: Hydra's config and log, the printed config
+_STARTUP_FILES = {".hydra", "config_tree.yaml"}
+
+
+def _clean_up_failed_run(err: BaseException) -> None:
+    import json
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from lmlab.runtime import UserErrorExit
+
+    if not HydraConfig.initialized() or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir)
+    if not folder.is_dir():
+        return
+    written = {p.name for p in folder.iterdir()} - _STARTUP_FILES - {f"{hydra_cfg.job.name}.log"}
+    if not written and hydra_cfg.mode == RunMode.RUN:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    record = folder / "metrics.json"
+    if not record.exists():
+        reason = str(err.error) if isinstance(err, UserErrorExit) else f"{type(err).__name__}: {err}"
+        record.write_text(json.dumps({"status": "failed", "error": reason}, indent=2))
+
+
+train = _console("train", "lmlab.train", schema=TrainSchema, reads_data=True, continues_runs=True)
 evaluate = _console("eval", "lmlab.evaluate", overlays=("data",))
 generate = _console("generate", "lmlab.generate")
 predict = _console("predict", "lmlab.predict")

@@ -11,9 +11,8 @@ Two checks run before any work starts:
 from __future__ import annotations
 
 import difflib
-import importlib
-import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lmlab.errors import ConfigError
+from lmlab.signatures import Signature, accepted_keys, locate, signature
 
 if TYPE_CHECKING:
     from hydra._internal.config_repository import ConfigRepository
@@ -63,8 +63,15 @@ class TrainSchema:
     paths: Any = None
 
 
-def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
-    """Fail fast on unknown keys, missing values and bad values anywhere in ``cfg``."""
+def validate_config(cfg: DictConfig, schema: type | None = TrainSchema, before_imports: bool = False) -> None:
+    """Fail fast on unknown keys, missing values and bad values anywhere in ``cfg``.
+
+    ``before_imports``: check what can be checked without importing the config's targets (the entry points do
+    this first, before torch and Lightning load): every target whose signature was recorded by an earlier run
+    (:mod:`lmlab.signatures`), but not which task a model or data option belongs to. Otherwise every check runs
+    on the targets themselves, and their signatures are recorded for the next run.
+    """
+    from lmlab import signatures
     from lmlab.values import check_top_level
 
     if schema is not None:
@@ -76,11 +83,29 @@ def validate_config(cfg: DictConfig, schema: type | None = TrainSchema) -> None:
             raise ConfigError(
                 f"Invalid config key '{err.full_key}': {reason}. Check the key's spelling and type."
             ) from None
-        check_task_data(cfg)
-        check_task_model(cfg)
+        if not before_imports:
+            check_task_data(cfg)
+            check_task_model(cfg)
     check_missing(cfg)
-    check_targets(cfg)
+    try:
+        check_targets(cfg, signature_of=signatures.recorded if before_imports else signature)
+    finally:
+        if not before_imports:  # every target's, also when a value was refused: the next run refuses it sooner
+            signatures.save(_targets(cfg))
     check_top_level(cfg)
+
+
+def _targets(node: Any) -> list[str]:
+    """The ``_target_`` names anywhere below ``node``."""
+    if isinstance(node, ListConfig):
+        return [name for item in node for name in _targets(item)]
+    if not isinstance(node, DictConfig):
+        return []
+    found = [str(node._get_node("_target_")._value())] if "_target_" in node else []
+    for key in node.keys():
+        if key not in _HYDRA_KEYS:
+            found += _targets(node._get_node(key))
+    return found
 
 
 def check_task_data(cfg: DictConfig) -> None:
@@ -216,84 +241,48 @@ def _choice(group: str) -> str | None:
     return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
-def locate(path: str) -> Any:
-    module_name, _, attr = path.rpartition(".")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError:
-        # Nested attribute such as ``pkg.module.Class.method``.
-        obj = locate(module_name)
-    try:
-        return getattr(obj, attr)
-    except AttributeError:
-        raise ImportError(path) from None
-
-
-def accepted_keys(target: Any) -> set[str] | None:
-    """Names the target accepts as keywords; ``None`` if it takes any.
-
-    A class whose constructor takes ``**kwargs`` and subclasses one of lmlab's classes hands them to that base
-    (as the data modules hand their loader settings to :class:`~lmlab.data.base.TaskDataModule`, and the
-    tasks theirs to :class:`~lmlab.tasks.base.TaskModule`): it accepts the names of the constructors up its
-    base classes, as far as the first without ``**kwargs``. ``**kwargs: Unpack[SomeTypedDict]`` accept that
-    dict's fields (the Transformer networks' part choices). ``**kwargs`` that go to a class of another library
-    (a Lightning strategy's, handed on to PyTorch) may be anything.
-    """
-    from lmlab.values import typed_keywords
-
-    if inspect.isclass(target):
-        constructors = [vars(k)["__init__"] for k in target.__mro__ if "__init__" in vars(k)]
-    else:
-        constructors = [target]
-    keys: set[str] = set()
-    for fn in constructors:
-        if keys and not str(getattr(fn, "__module__", "")).startswith("lmlab."):
-            return None
-        params = inspect.signature(fn).parameters.values()
-        keys |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-        typed = typed_keywords(fn)
-        if typed is not None or not any(p.kind is p.VAR_KEYWORD for p in params):
-            return keys | set(typed or ())
-    return None
-
-
-def check_targets(node: Any, path: str = "") -> None:
-    """Check every ``_target_`` node below ``node`` against its target's signature."""
+def check_targets(node: Any, path: str = "", signature_of: Callable[[str], Signature | None] = signature) -> None:
+    """Check every ``_target_`` node below ``node`` against its target's signature (``signature_of``: read from
+    the target itself, or as recorded, which may know nothing of a target: then only its children are checked)."""
     if isinstance(node, ListConfig):
         for i, item in enumerate(node):
-            check_targets(item, f"{path}[{i}]")
+            check_targets(item, f"{path}[{i}]", signature_of)
         return
     if not isinstance(node, DictConfig):
         return
     keys = [str(k) for k in node.keys()]
     if "_target_" in keys:
-        target_name = node._get_node("_target_")._value()
+        target_name = str(node._get_node("_target_")._value())
         try:
-            target = locate(str(target_name))
+            found = signature_of(target_name)
         except ImportError:
             raise ConfigError(
                 f"'{path}._target_' names '{target_name}', which cannot be imported. Check its spelling."
             ) from None
-        accepted = accepted_keys(target)
-        if accepted is not None:
-            for key in keys:
-                if key in _HYDRA_KEYS or key in accepted:
-                    continue
-                close = difflib.get_close_matches(key, sorted(accepted), n=1)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
-                raise ConfigError(
-                    f"Unknown config key '{_join(path, key)}' for {target_name}.{hint} "
-                    f"Valid keys: {', '.join(sorted(accepted))}."
-                )
-        from lmlab.values import check_target_values
-
-        check_target_values(target, _plain_values(node, keys), path)
+        if found is not None:
+            _check_node(node, keys, path, target_name, found)
     for key in keys:
         if key in _HYDRA_KEYS:
             continue
         child = node._get_node(key)
         if isinstance(child, DictConfig | ListConfig):
-            check_targets(child, _join(path, key))
+            check_targets(child, _join(path, key), signature_of)
+
+
+def _check_node(node: DictConfig, keys: list[str], path: str, target_name: str, found: Signature) -> None:
+    from lmlab.values import check_target_values
+
+    if found.accepted is not None:
+        for key in keys:
+            if key in _HYDRA_KEYS or key in found.accepted:
+                continue
+            close = difflib.get_close_matches(key, sorted(found.accepted), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"Unknown config key '{_join(path, key)}' for {target_name}.{hint} "
+                f"Valid keys: {', '.join(sorted(found.accepted))}."
+            )
+    check_target_values(found, _plain_values(node, keys), path)
 
 
 def _plain_values(node: DictConfig, keys: list[str]) -> dict[str, Any]:
@@ -344,19 +333,6 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _sweep_group() -> str | None:
-    """Name shared by all runs of one Hydra multirun (the sweep folder), else ``None``."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return Path(hydra_cfg.sweep.dir).name
-
-
 def _root_dir() -> str:
     """``LMLAB_ROOT``, else the directory lmlab was launched from. Unlike ``${hydra:runtime.cwd}`` this
     resolves before Hydra's runtime is set, as the sweep folder of a multirun needs."""
@@ -404,6 +380,12 @@ def user_options(config_name: str) -> str:
     return "\n".join(lines)
 
 
+def group_options(group: str) -> list[str]:
+    """The options a user picks in ``group`` (``experiment: lm/shakespeare_char, ...``), from every folder of the
+    run's search path: not the bases options build on."""
+    return [name for name in _options_of(_config_repository(), group) if not is_base(name)]
+
+
 def _options_of(repo: ConfigRepository, group: str) -> list[str]:
     """Every option of ``group``, those in its folders too (``experiment: lm/shakespeare_char``)."""
     from hydra.core.object_type import ObjectType
@@ -424,8 +406,6 @@ def _is_piece(repo: ConfigRepository, path: str) -> bool:
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("sweep_group"):
-        OmegaConf.register_new_resolver("sweep_group", _sweep_group)
     if not OmegaConf.has_resolver("lmlab_root"):
         OmegaConf.register_new_resolver("lmlab_root", _root_dir)
     if not OmegaConf.has_resolver("lmlab_options"):

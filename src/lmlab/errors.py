@@ -18,11 +18,21 @@ class DataError(LmlabError):
 
 
 class DiskFullError(LmlabError):
-    """The disk filled while the data cache was written; what was finished is kept for the next run."""
+    """The disk (or a quota) filled while lmlab wrote a file (the data cache, a checkpoint, an export); what was
+    finished is kept for the next run and nothing partial is left."""
 
 
 class TokenizerError(LmlabError):
     """Text cannot be encoded by the tokenizer, or a tokenizer does not match a checkpoint."""
+
+
+class ChatTemplateError(LmlabError):
+    """A tokenizer's chat template is unsafe (Jinja's sandbox refuses it, or it runs past its render limits) or
+    broken (it does not compile, or fails while rendering). ``problem`` says which; the message adds the fix."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem} {fix}")
+        self.problem = problem
 
 
 class CheckpointError(LmlabError):

@@ -3,6 +3,11 @@
 Everything needed (network, tokenizer, data settings) comes from the checkpoint. Another test file of
 the same kind is named on its own (``data.source.test_files=other.parquet``); the checkpoint supplies
 the rest (columns, languages, tokenizer).
+
+Which splits the data has is decided before any is scored: by default each of validation and test that the
+data has is scored, and each other is named with the reason (no files and a share of 0, a hub data set without
+it, a test split without labels, text shorter than one block); a split asked for by name (``splits=[test]``)
+must be there.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +29,31 @@ from lmlab.runtime import instantiate, quiet_console, to_plain, user_errors
 from lmlab.tasks.base import TaskModule
 
 log = logging.getLogger("lmlab")
-_STAGES = {"validation", "test"}
+#: the splits scored, by the names ``splits=[...]`` takes (``val``: the prefix of the validation metrics)
+_SPLIT_NAMES = {"validation": "validation", "val": "validation", "test": "test"}
+#: what ``splits`` null (the default) scores, of what the data has
+_EVERY_SPLIT = ("validation", "test")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     quiet_console()
     validate_config(cfg, schema=None)
     check_devices(cfg)
-    unknown = set(cfg.splits) - _STAGES
-    if unknown:
-        raise ConfigError(f"splits: unknown split(s) {sorted(unknown)}; use validation and/or test.")
+    asked = requested_splits(cfg.get("splits"))
+    wanted = asked or _EVERY_SPLIT
     task, run_cfg = load_task(cfg.ckpt_path)
     if cfg.get("model") is not None:
         check_matches(run_cfg, to_plain(cfg.model), "model", cfg.ckpt_path)
     data_cfg = evaluation_data(cfg, run_cfg, task)
     with _training_files_named(data_cfg, cfg.ckpt_path):
-        datamodule = instantiate(data_cfg, **task.datamodule_kwargs(), splits=list(cfg.splits))
+        datamodule = instantiate(data_cfg, **task.datamodule_kwargs(), splits=list(wanted))
         datamodule.prepare_data()
     datamodule.setup("validate")
+    scored, skipped = splits_to_score(datamodule, wanted, asked is not None)
     task.observe_data(datamodule.data_info)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_model_summary=False)
     metrics: dict[str, float] = {}
-    for split in cfg.splits:
+    for split in scored:
         run = trainer.validate if split == "validation" else trainer.test
         loader = datamodule.val_dataloader() if split == "validation" else datamodule.test_dataloader()
         for result in run(task, dataloaders=loader, verbose=False):
@@ -57,12 +65,42 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         out.mkdir(parents=True, exist_ok=True)
         record = {
             "ckpt_path": str(cfg.ckpt_path),
-            "splits": list(cfg.splits),
+            "splits": scored,
+            "skipped": skipped,
             "data": to_plain(data_cfg),
             "metrics": metrics,
         }
         (out / "metrics.json").write_text(json.dumps(record, indent=2))
     return metrics
+
+
+def requested_splits(given: Any) -> list[str] | None:
+    """The splits ``splits=[...]`` names (``val`` is ``validation``), in order, once each; ``None``: not given."""
+    if given is None:
+        return None
+    names = [str(name) for name in given]
+    unknown = sorted(set(names) - set(_SPLIT_NAMES))
+    if unknown or not names:
+        what = f"unknown split(s) {unknown}" if unknown else "no split named"
+        raise ConfigError(
+            f"splits: {what}; use validation (or val) and/or test, or leave splits out to score every split the "
+            "data has."
+        )
+    return list(dict.fromkeys(_SPLIT_NAMES[name] for name in names))
+
+
+def splits_to_score(datamodule: Any, wanted: Sequence[str], asked: bool) -> tuple[list[str], dict[str, str]]:
+    """The ``wanted`` splits the data has, and why it has none of each other. A split asked for by name
+    (``asked``) must be there; otherwise a split the data lacks is skipped with a warning, unless none is left."""
+    absent = {split: why for split in wanted if (why := datamodule.absent_reason(split))}
+    scored = [split for split in wanted if split not in absent]
+    if absent and (asked or not scored):
+        lacks = "; ".join(f"no {split} split: {why}" for split, why in absent.items())
+        head = f"splits=[{','.join(wanted)}]" if asked else "Nothing to score"
+        raise DataError(f"{head}: the data has {lacks}.")
+    for split, why in absent.items():
+        log.warning("Skipping the %s split: %s.", split, why)
+    return scored, absent
 
 
 def evaluation_data(cfg: DictConfig, run_cfg: dict[str, Any], task: TaskModule) -> DictConfig:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from lmlab.chat_format import ChatFormat
 from lmlab.checkpoint import load_language_model
 from lmlab.config import validate_config
-from lmlab.errors import ConfigError, ExportError
+from lmlab.errors import ChatTemplateError, ConfigError, ExportError
 from lmlab.models.classifiers import HFEncoderClassifier
 from lmlab.models.gpt import GPT
 from lmlab.models.hf_causal_lm import PretrainedCausalLM
@@ -41,10 +41,16 @@ from lmlab.models.lora import merged
 from lmlab.models.mlp import SwiGLU
 from lmlab.models.seq2seq import PretrainedSeq2Seq
 from lmlab.runtime import user_errors
+from lmlab.safe_output import check_folder, replacing_folder
 from lmlab.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger("lmlab")
 
+#: what a refused chat template (:func:`checked_chat_template`) leaves the user to do
+UNSAFE_TEMPLATE_FIX = (
+    "lmlab-export hands no such template on, so it wrote nothing: train with a tokenizer folder whose chat template "
+    "works (or that has none) to export the model."
+)
 #: the file of an exported classifier's head (its linear layer's weight and bias)
 HEAD = "classifier.safetensors"
 
@@ -239,7 +245,7 @@ def _tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
         "unk_token": getattr(tokenizer, "unk_token", None)
         or (CharTokenizer.UNK if getattr(tokenizer, "unk", False) else None),
     }
-    template = getattr(tokenizer, "chat_template", None)
+    template = checked_chat_template(tokenizer)
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": block_size,
@@ -247,6 +253,24 @@ def _tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
         **{k: v for k, v in specials.items() if v is not None},
         **({"chat_template": template} if template is not None else {}),
     }
+
+
+def checked_chat_template(tokenizer: Tokenizer) -> str | None:
+    """The tokenizer's chat template, if any, once it compiles in Jinja's sandbox and writes a short conversation
+    within the render limits (:meth:`lmlab.chat_format.ChatFormat.check`); a :class:`ChatTemplateError` otherwise.
+
+    Such a template is refused, and the export writes nothing, rather than copied with a warning: the folder is
+    made to be loaded elsewhere, by people who never see this run's log, and ``apply_chat_template`` renders a
+    template in the sandbox but without limits. A broken one is refused too: it would fail in their hands.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    try:
+        chat = ChatFormat.for_tokenizer(tokenizer)
+        chat.check()
+    except ChatTemplateError as err:
+        raise ChatTemplateError(err.problem, UNSAFE_TEMPLATE_FIX) from None
+    return chat.template
 
 
 def write_tokenizer(tokenizer: Tokenizer, out: Path, block_size: int) -> None:
@@ -396,13 +420,12 @@ def _pipeline_tag(auto: str) -> str:
 def export(cfg: DictConfig) -> Path:
     """Write ``cfg.ckpt_path``'s model as a Hugging Face folder at ``cfg.out``, checked against lmlab."""
     validate_config(cfg, schema=None)
+    out = check_folder(cfg.out, "out", cfg.overwrite)  # before the work, so a mistake costs nothing
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise ConfigError("lmlab-export needs transformers: pip install transformers (or 'lmlab[hf]').") from None
-    ckpt_path, out = Path(cfg.ckpt_path).expanduser(), Path(cfg.out).expanduser()
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ConfigError(f"out: '{out}' is not empty. Pick another folder, or set overwrite=true to replace it.")
+    ckpt_path = Path(cfg.ckpt_path).expanduser()
     model, run_config = load_language_model(ckpt_path)
     net, tokenizer = getattr(model, "net", None), getattr(model, "tokenizer", None)
     if callable(getattr(net, "unwrapped", None)):
@@ -421,11 +444,8 @@ def export(cfg: DictConfig) -> Path:
         )
     if tokenizer is None:
         raise ExportError(f"'{ckpt_path}' holds no tokenizer, so its folder could not encode text.")
-    # written beside ``out`` and moved there once checked: a failed export leaves no folder to mistake for one
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    # written beside ``out`` and swapped in once checked: a failed export leaves no folder to mistake for one
+    with replacing_folder(out, "out", cfg.overwrite, "lmlab-export", checkpoint=str(ckpt_path)) as staging:
         hf.save_pretrained(staging, safe_serialization=True)
         if isinstance(net, HFEncoderClassifier):
             from safetensors.torch import save_file
@@ -437,12 +457,6 @@ def export(cfg: DictConfig) -> Path:
         usage = classifier_usage(net.pooling) if isinstance(net, HFEncoderClassifier) else None
         card = model_card(ckpt_path, family, run_config, check, auto_class(staging), usage)
         (staging / "README.md").write_text(card)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
     log.info("exported %s as %s (max |logit difference| %.2e)", ckpt_path, family, check["max_abs_diff"])
     return out
 

@@ -9,6 +9,7 @@ not. What loading a checkpoint must know about the task without importing it is 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from lmlab.registry import register_name
 from lmlab.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
+log = logging.getLogger("lmlab")
 #: the dotted path by which checkpoints name the language-model task (allowed without importing it)
 TASK = register_name("lmlab.tasks.lm.LanguageModelingTask", "task")
 #: the base class of the data modules the task reads (packed text, instruction pairs)
@@ -84,6 +86,12 @@ class LanguageModel:
         load_adapted(layout, dict(state_dict), base_left_out, weights_source(model))
         return cls(net, tokenizer)
 
+    @property
+    def context(self) -> int | None:
+        """The most tokens the network reads at once (``data.block_size``); ``None`` for a recurrent network,
+        which reads a prompt of any length."""
+        return getattr(self.net, "block_size", None)
+
     def to(self, device: str | torch.device) -> LanguageModel:
         """Move the network to ``device`` (sampling runs where its parameters are)."""
         self.net.to(device)
@@ -100,12 +108,42 @@ class LanguageModel:
         num_samples: int = 1,
         stop_at_eos: bool = False,
     ) -> list[str]:
-        """Continue ``prompt``; with a ``seed`` the result is the same on every call."""
+        """Continue ``prompt``; with a ``seed`` the result is the same on every call. A prompt longer than the
+        context is read from its last tokens that fit, with a warning."""
+        ids = self.prompt_ids(prompt)
+        if self.context is not None and len(ids) > self.context:
+            log.warning(
+                "The prompt has %d tokens, more than the model's context (data.block_size=%d): only its last %d "
+                "are read.",
+                len(ids),
+                self.context,
+                self.context,
+            )
+        return self._sample(ids, max_new_tokens, temperature, top_k, top_p, seed, num_samples, stop_at_eos)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The ids of ``prompt`` (an empty one starts from :meth:`_start_ids`); a text the tokenizer cannot
+        encode, or that encodes to nothing, is a :class:`TokenizerError`."""
         if self.tokenizer is None:
             raise TokenizerError("This model has no tokenizer attached; load it from a lmlab checkpoint.")
         ids = self.tokenizer.encode(prompt, strict=True) if prompt else self._start_ids()
         if not ids:
             raise TokenizerError(f"The prompt {prompt!r} encodes to no tokens.")
+        return ids
+
+    def _sample(
+        self,
+        ids: list[int],
+        max_new_tokens: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        num_samples: int = 1,
+        stop_at_eos: bool = False,
+    ) -> list[str]:
+        """The continuations of the prompt ``ids`` (:meth:`generate_text`)."""
+        assert self.tokenizer is not None
         device = next(self.net.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
@@ -128,8 +166,21 @@ class LanguageModel:
         return [self._continuation(ids, row.tolist()) for row in out]
 
     def infer(self, prompts: Sequence[str], **options: Any) -> list[dict[str, list[str]]]:
-        """The samples of :meth:`generate_text` continuing each prompt in turn."""
-        return [{"samples": self.generate_text(prompt, **options)} for prompt in prompts]
+        """The samples of :meth:`generate_text` continuing each prompt in turn; the prompts longer than the
+        context are counted in one warning."""
+        encoded = [self.prompt_ids(prompt) for prompt in prompts]
+        long = [len(ids) for ids in encoded if self.context is not None and len(ids) > self.context]
+        if long:
+            log.warning(
+                "%d of %d prompts are longer than the model's context (data.block_size=%d): of each, only the last "
+                "%d tokens are read (the longest has %d).",
+                len(long),
+                len(encoded),
+                self.context,
+                self.context,
+                max(long),
+            )
+        return [{"samples": self._sample(ids, **options)} for ids in encoded]
 
     def _continuation(self, prompt_ids: list[int], ids: list[int]) -> str:
         """The text after the prompt, as the tokenizer writes the whole sequence: decoding the new tokens

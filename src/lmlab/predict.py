@@ -27,7 +27,8 @@ from lmlab.checkpoint import load_language_model
 from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.runtime import user_errors
-from lmlab.textio import open_output, read_input_lines
+from lmlab.safe_output import check_output, open_output
+from lmlab.textio import read_input_lines
 
 log = logging.getLogger("lmlab")
 
@@ -71,6 +72,7 @@ def predict(cfg: DictConfig) -> list[Any]:
     """The outputs for ``cfg.input``: a line of text each for an aligned task, else a record each, with its line."""
     validate_config(cfg, schema=None)
     check_devices(cfg)
+    check_output(cfg.output)  # before the work, so a mistake costs nothing
     predictor = load_predictor(cfg.ckpt_path, cfg.device)
     options = task_options(predictor, cfg)
     lines = read_input_lines(cfg.input)
@@ -95,8 +97,8 @@ def write_lines(outputs: Sequence[Any], out: TextIO) -> None:
 def run(cfg: DictConfig) -> None:
     with user_errors():
         outputs = predict(cfg)
-    with open_output(cfg.output) as out:
-        write_lines(outputs, out)
+        with open_output(cfg.output) as out:  # a file is written whole or not at all
+            write_lines(outputs, out)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ checkpoint callback then saves the state as of the last finished step; the entry
 signal's status (128 + its number, so a scheduler or sweep sees a failure) and says how to resume, and a
 job stopped by the requeue signal under SLURM is requeued (by the rank-0 process only).
 
-One process: Lightning already stops at a batch end on SIGTERM (its loops check a flag), so SIGINT and
-the requeue signal are turned into SIGTERM while Lightning's loop runs.
+One process: Lightning already stops at a batch end on SIGTERM (its loops check a flag its SIGTERM handler
+sets), so SIGINT and the requeue signal set that flag while Lightning's loop runs (sending SIGTERM instead
+would have Lightning log a Ctrl-C as "Received SIGTERM").
 
 Several processes (DDP; under SLURM each task gets the signal, not necessarily at the same step):
 Lightning's own SIGTERM handler is not installed, because it broadcasts from inside the handler (a
@@ -70,6 +71,8 @@ class StopSignals:
         self._mode: str | None = None
         self.agreement: StopAgreement | None = None
         self._register: Any = None
+        #: Lightning's signal connector of a fit on one process: its flag stops Lightning's loop
+        self._connector: Any = None
 
     @property
     def requeue(self) -> bool:
@@ -138,6 +141,7 @@ class StopSignals:
             trainer.callbacks.append(self.agreement)
             return
         self._mode = self._mode or "single"
+        self._connector = connector
         original(connector)
 
     def _deferring(self) -> bool:
@@ -177,8 +181,7 @@ class StopSignals:
             self.received = signum
         if signal.getsignal(signal.SIGTERM) == self._handle:
             raise StopRequested(signum)  # Lightning's loop is not running: no batch to finish
-        if signum != signal.SIGTERM:
-            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler, on top of ours, stops its loop
+        self._connector.received_sigterm = True  # what Lightning's SIGTERM handler sets: its loop stops
 
     def _code(self) -> int:
         """This process's stop request as a number for the agreement: 0 for none."""

@@ -19,19 +19,36 @@ from lmlab.errors import LmlabError, RunInterrupted
 log = logging.getLogger("lmlab")
 
 
+class UserErrorExit(SystemExit):
+    """The exit of a command stopped by an :class:`LmlabError`, whose message was printed."""
+
+    def __init__(self, error: LmlabError) -> None:
+        super().__init__(1)
+        self.error = error
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Print an :class:`LmlabError` as one clear message and exit with status 1 (no traceback); a run
-    stopped by a signal exits with that signal's status."""
+    stopped by a signal exits with that signal's status. The message is printed once, on stderr; the run's log
+    file records it too."""
     try:
         yield
     except RunInterrupted as stopped:
         print(f"stopped: {stopped}", file=sys.stderr)
         raise SystemExit(stopped.exit_code) from None
     except LmlabError as err:
-        log.error("%s: %s", type(err).__name__, err)
+        _log_to_files(f"{type(err).__name__}: {err}")
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise UserErrorExit(err) from None
+
+
+def _log_to_files(message: str) -> None:
+    """Write an error record to the log files (a run's ``train.log``), not to the console that shows it already."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
@@ -128,6 +145,10 @@ def quiet_console() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # false for lmlab: its data modules restore their position in the epoch (the run says so when it resumes),
+    # and a run continued in its folder finds its own checkpoints there
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)  # where Lightning's messages are logged
         if not any(isinstance(f, _DropNoise) for f in logger.filters):

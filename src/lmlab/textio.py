@@ -4,10 +4,7 @@ a UTF-8 file or stdin in, a file or stdout out."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
 
 from lmlab.data.files import read_text_file
 from lmlab.errors import DataError
@@ -23,24 +20,20 @@ def read_input_text(source: str | None, key: str = "input") -> str:
         if not text.strip():
             raise DataError(f"{key}: stdin has no text.")
         return text
+    return read_text_file(input_file(source, key))
+
+
+def input_file(source: str | None, key: str = "input") -> Path | None:
+    """The file ``source`` names (``None`` for stdin: ``None`` or ``-``); a :class:`DataError` naming ``key`` when
+    there is no such file."""
+    if source in (None, "-"):
+        return None
     path = Path(source).expanduser()
     if not path.is_file():
         raise DataError(f"{key}: no file at '{path}'. Give a UTF-8 text file, or '-' for stdin.")
-    return read_text_file(path)
+    return path
 
 
 def read_input_lines(source: str | None) -> list[str]:
     """Every line of a UTF-8 file, or of stdin for ``None``/``-``; input without any text is an error."""
     return read_input_text(source).splitlines()
-
-
-@contextmanager
-def open_output(target: str | None) -> Iterator[TextIO]:
-    """stdout for ``None``/``-``, else the file (its folder made if needed)."""
-    if target in (None, "-"):
-        yield sys.stdout
-        return
-    path = Path(target).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        yield out

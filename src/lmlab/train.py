@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import signal
 import sys
 from pathlib import Path
@@ -17,12 +16,14 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from lmlab import runs
 from lmlab.callbacks import InterruptCheckpoint
 from lmlab.checkpoint import check_matches, read_checkpoint
 from lmlab.checkpoint_io import remove_stale_temporaries
 from lmlab.config import check_devices, locate, validate_config
 from lmlab.distributed import end_job
 from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, RunInterrupted
+from lmlab.loggers import continued_loggers, log_final_metrics, log_run_config
 from lmlab.models.lora import parameter_counts
 from lmlab.preemption import (
     StopSignals,
@@ -39,8 +40,6 @@ from lmlab.tasks.base import TaskModule
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 log = logging.getLogger("lmlab")
-#: checkpoints ``ckpt_path=last`` may resume from: Lightning's, the interrupt save, the step-named top-k ones
-RESUMABLE = re.compile(r"(last|interrupted)(-v\d+)?\.ckpt|step_\d+.*\.ckpt|hpc_ckpt_\d+\.ckpt")
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -59,15 +58,17 @@ def resume_point(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
     value = cfg.get("ckpt_path")
     root = Path(cfg.paths.log_dir) / cfg.task_name
     if not value and is_requeued_slurm_job():
-        runs = slurm_runs(root)
-        point = _newest_loadable([p for run in runs for p in _candidates(run)], f"SLURM job {slurm_job_id()}")
+        folders = slurm_runs(root)
+        point = _newest_loadable(
+            [p for folder in folders for p in runs.checkpoints_under(folder)], f"SLURM job {slurm_job_id()}"
+        )
         if point:
             log.info("Requeued SLURM job %s: resuming from %s", slurm_job_id(), point[0])
         return point
     if not value:
         return None
     if value == "last":
-        found = _candidates(root)
+        found = runs.checkpoints_under(root)
         point = _newest_loadable(found, "ckpt_path=last")
         if point is None:
             what = "no checkpoint that loads" if found else "no last.ckpt, interrupted.ckpt or step_*.ckpt"
@@ -81,13 +82,9 @@ def resume_point(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
     return str(path), read_checkpoint(path)
 
 
-def _candidates(root: Path) -> list[Path]:
-    return [p for p in root.glob("**/checkpoints/*.ckpt") if RESUMABLE.fullmatch(p.name)]
-
-
 def _newest_loadable(paths: list[Path], what: str) -> tuple[str, dict[str, Any]] | None:
     skipped = []
-    for path in sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True):
+    for path in runs.newest_first(paths):
         try:
             ckpt = read_checkpoint(path)
         except CheckpointError as err:
@@ -164,16 +161,23 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     remove_stale_temporaries(cfg.paths.log_dir)
+    if runs.resuming is not None:
+        runs.report(runs.resuming)
     # read, and checked against the allow-list, before any data is built
     point = resume_point(cfg)
     ckpt_path = point[0] if point else None
     datamodule = build_datamodule(cfg)
     if point is not None:
         check_resume(point[0], point[1], cfg, datamodule)
-        log.info("Resuming from %s", ckpt_path)
+        log.info(
+            "Resuming from %s at step %d, exactly: the data module restores its position in the epoch and the "
+            "random state, so the run continues with the batches and losses of an uninterrupted one.",
+            ckpt_path,
+            point[1].get("global_step", 0),
+        )
     task = build_task(cfg, datamodule)
 
-    loggers = instantiate_dict(cfg.get("logger"))
+    loggers = continued_loggers(cfg, point[1].get("global_step", 0) if point else None)
     try:
         return _fit_and_test(cfg, task, datamodule, loggers, ckpt_path)
     finally:
@@ -192,8 +196,7 @@ def _fit_and_test(
     trainable, total = parameter_counts(task.net)
     if trainer.is_global_zero:
         log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    for logger in loggers:
-        logger.log_hyperparams({"config": to_plain(cfg), "parameters": {"trainable": trainable, "total": total}})
+    log_run_config(loggers, cfg, {"parameters": {"trainable": trainable, "total": total}, "data_info": dict(task.info)})
 
     metrics: dict[str, float] = {}
     if cfg.train:
@@ -207,7 +210,7 @@ def _fit_and_test(
     best = _best_checkpoint(trainer)
     if cfg.test:
         if not datamodule.has_split("test"):
-            log.warning("No test split: skipping the test stage.")
+            log.warning("Skipping the test stage: %s", datamodule.absent_reason("test"))
         else:
             # verbose=False: the results table at the end shows the test metrics once, with the others
             trainer.test(
@@ -216,6 +219,7 @@ def _fit_and_test(
             metrics.update(_floats(trainer.callback_metrics))
 
     value = _optimized_value(cfg, trainer, metrics)
+    log_final_metrics(loggers, metrics, cfg.get("optimized_metric"), value, trainer.global_step)
     if trainer.is_global_zero:
         _report(cfg, metrics, value, best)
     return value
@@ -251,7 +255,7 @@ def _interrupted(cfg: DictConfig, trainer: L.Trainer, stop: StopSignals) -> RunI
     resume = saved or _latest_saved(trainer)
     message = f"Training stopped by {name} {what}."
     if resume:
-        message += f" Resume with: lmlab-train <the same overrides> ckpt_path={resume} (or ckpt_path=last)."
+        message += f" Resume with: lmlab-train ckpt_path={resume} (the run continues with its own config)."
     if stop.requeue and trainer.is_global_zero:
         message += " " + requeue_slurm_job() + "."
     if trainer.is_global_zero:

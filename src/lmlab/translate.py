@@ -15,7 +15,8 @@ from lmlab.config import check_devices, validate_config
 from lmlab.errors import ConfigError
 from lmlab.predict import task_options, write_lines
 from lmlab.runtime import user_errors
-from lmlab.textio import open_output, read_input_lines
+from lmlab.safe_output import check_output, open_output
+from lmlab.textio import read_input_lines
 
 DECODING_KEYS = ("batch_size", "beam_size", "length_penalty", "max_length_ratio", "max_length_offset")
 
@@ -23,6 +24,7 @@ DECODING_KEYS = ("batch_size", "beam_size", "length_penalty", "max_length_ratio"
 def translate(cfg: DictConfig) -> list[str]:
     validate_config(cfg, schema=None)
     check_devices(cfg)
+    check_output(cfg.output)  # before the work, so a mistake costs nothing
     task, _ = load_task(cfg.ckpt_path, map_location=cfg.device)
     if not task.aligned_output:
         raise ConfigError(f"'{cfg.ckpt_path}' is not a translation checkpoint; lmlab-translate needs one.")
@@ -32,8 +34,8 @@ def translate(cfg: DictConfig) -> list[str]:
 def run(cfg: DictConfig) -> None:
     with user_errors():
         lines = translate(cfg)
-    with open_output(cfg.output) as out:
-        write_lines(lines, out)
+        with open_output(cfg.output) as out:  # a file is written whole or not at all
+            write_lines(lines, out)
 
 
 if __name__ == "__main__":

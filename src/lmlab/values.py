@@ -15,10 +15,13 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from lmlab.errors import ConfigError
 from lmlab.tokenizers import BPE_MIN_VOCAB, WORD_MIN_VOCAB
+
+if TYPE_CHECKING:
+    from lmlab.signatures import Signature
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,8 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
         "top_p": Range(gt=0, le=1),
     },
     "lmlab.callbacks.PeriodicCheckpoint": {"every_minutes": Range(gt=0), "check_every_n_steps": POSITIVE_INT},
+    "lmlab.progress.TextProgress": {"every_n_steps": POSITIVE_INT, "every_seconds": Range(gt=0)},
+    "lmlab.monitoring.GradientMonitor": {"every_n_steps": POSITIVE_INT, "norm_type": Range(gt=0)},
     "lightning.pytorch.callbacks.early_stopping.EarlyStopping": {"patience": COUNT, "min_delta": Range(ge=0)},
     "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint": {
         "save_top_k": Range(int, ge=-1),
@@ -221,18 +226,16 @@ def check_top_level(cfg: Mapping[str, Any]) -> None:
             _report(key, cfg[key], rule.problem(cfg[key]))
 
 
-def check_target_values(target: Any, values: Mapping[str, Any], path: str) -> None:
-    """Check the plain values given to ``target`` against its signature's types and the declared ranges."""
-    rules = _ranges_of(target)
-    hints = _hints(target)
+def check_target_values(signature: Signature, values: Mapping[str, Any], path: str) -> None:
+    """Check the plain values given to a target against its signature's types and the declared ranges."""
     for key, value in values.items():
         if isinstance(value, Mapping | list | tuple) or key.startswith("_"):
             continue
         full = f"{path}.{key}" if path else key
-        if key in hints and not _matches(value, hints[key]):
-            _report(full, value, f"must be {_describe(hints[key])}")
-        if key in rules:
-            _report(full, value, rules[key].problem(value))
+        if key in signature.types and not spec_matches(value, signature.types[key]):
+            _report(full, value, f"must be {describe_spec(signature.types[key])}")
+        if key in signature.ranges:
+            _report(full, value, signature.ranges[key].problem(value))
 
 
 def _report(key: str, value: Any, problem: str | None) -> None:
@@ -240,7 +243,8 @@ def _report(key: str, value: Any, problem: str | None) -> None:
         raise ConfigError(f"Invalid value {key}={value!r}: it {problem}.")
 
 
-def _ranges_of(target: Any) -> dict[str, Range]:
+def ranges_of(target: Any) -> dict[str, Range]:
+    """The ranges declared for ``target`` and the classes it derives from (its own declarations win)."""
     chain = target.__mro__ if inspect.isclass(target) else (target,)
     rules: dict[str, Range] = {}
     for obj in reversed(chain):
@@ -248,15 +252,17 @@ def _ranges_of(target: Any) -> dict[str, Range]:
     return rules
 
 
-def _hints(target: Any) -> dict[str, Any]:
-    """Parameter annotations of ``target`` that resolve (others are not checked), the fields of a
-    ``**kwargs: Unpack[SomeTypedDict]`` among them."""
+def type_specs(target: Any) -> dict[str, TypeSpec]:
+    """The judgeable types of ``target``'s parameters whose annotations resolve (others are not checked), the
+    fields of a ``**kwargs: Unpack[SomeTypedDict]`` among them."""
     fn = target.__init__ if inspect.isclass(target) else target
     try:
         hints = typing.get_type_hints(fn)
     except Exception:  # annotations naming what cannot be resolved here: leave the types unchecked
         return {}
-    return {**hints, **(typed_keywords(fn) or {})}
+    hints = {**hints, **(typed_keywords(fn) or {})}
+    specs = {name: type_spec(hint) for name, hint in hints.items() if name != "return"}
+    return {name: spec for name, spec in specs.items() if spec is not None}
 
 
 def typed_keywords(fn: Any) -> dict[str, Any] | None:
@@ -274,6 +280,14 @@ def typed_keywords(fn: Any) -> dict[str, Any] | None:
     return typing.get_type_hints(typing.get_args(hint)[0])
 
 
+#: what a config value can be checked against: the plain types a YAML value takes, and literal choices
+TypeOption = str | tuple[Any, ...]
+#: the options a parameter accepts: each a plain type's name (``int``, ``float``, ``str``, ``bool``, ``null``) or
+#: ``("literal", value, ...)``; ``None`` (no spec) where any value may fit (containers, callables, generics)
+TypeSpec = tuple[TypeOption, ...]
+_PLAIN = {int: "int", float: "float", str: "str", bool: "bool", type(None): "null"}
+
+
 def _options(hint: Any) -> list[Any]:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -281,43 +295,58 @@ def _options(hint: Any) -> list[Any]:
     return [hint]
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a config value can be what ``hint`` asks for; anything this cannot judge passes."""
+def type_spec(hint: Any) -> TypeSpec | None:
+    """``hint`` as plain options a config value is checked against (a form that can be saved as JSON), or
+    ``None`` when some option cannot be judged from a config value (then every value passes)."""
+    spec: list[TypeOption] = []
     for option in _options(hint):
-        if option is Any or isinstance(option, typing.TypeVar | str):
-            return True
-        origin = typing.get_origin(option)
-        if origin is Literal:
-            if value in typing.get_args(option):
+        if typing.get_origin(option) is Literal:
+            spec.append(("literal", *typing.get_args(option)))
+        elif option in _PLAIN:
+            spec.append(_PLAIN[option])
+        elif isinstance(option, type) and typing.get_origin(option) is None and option not in (Any, object):
+            spec.append(option.__name__)  # a class no config value is (a Tensor, a Path): named in the message
+        else:
+            return None  # Any, a TypeVar, a container, a callable: not judged here
+    return tuple(spec)
+
+
+def spec_matches(value: Any, spec: TypeSpec) -> bool:
+    """Whether a config value can be what ``spec`` asks for."""
+    for option in spec:
+        if isinstance(option, tuple):
+            if value in option[1:]:
                 return True
-            continue
-        if origin is not None or not isinstance(option, type):
-            return True  # containers, callables, generics: not judged here
-        if _is_instance(value, option):
+        elif _is_plain(value, option):
             return True
     return False
 
 
-def _is_instance(value: Any, option: type) -> bool:
+def _is_plain(value: Any, option: str) -> bool:
     if isinstance(value, bool):
-        return option is bool
-    if option is float:
+        return option == "bool"
+    if option == "float":
         return isinstance(value, int | float)
-    return isinstance(value, option)
+    plain = {"int": int, "str": str, "null": type(None)}.get(option)
+    if plain is None:  # a class: a str names a path (``Path``) or a value the class parses, so it passes
+        return option == "Path" and isinstance(value, str)
+    return isinstance(value, plain)
 
 
-def _describe(hint: Any) -> str:
+def describe_spec(spec: TypeSpec) -> str:
     names, literals = [], []
-    for option in _options(hint):
-        if typing.get_origin(option) is Literal:
-            literals += [repr(a) for a in typing.get_args(option)]
-        elif option is type(None):
-            names.append("null")
+    for option in spec:
+        if isinstance(option, tuple):
+            literals += [repr(a) for a in option[1:]]
         else:
             names.append(
-                {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-                    option, getattr(option, "__name__", str(option))
-                )
+                {
+                    "int": "an integer",
+                    "float": "a number",
+                    "str": "a string",
+                    "bool": "true or false",
+                    "null": "null",
+                }.get(option, option)
             )
     if literals:
         names.insert(0, "one of " + ", ".join(dict.fromkeys(literals)))

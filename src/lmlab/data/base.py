@@ -5,6 +5,7 @@ saved for exact resume. A task's data module says how a split is read and encode
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Collection, Iterable
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from lmlab.data.storage import as_batch
 from lmlab.errors import DataError
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
+log = logging.getLogger("lmlab")
 TokenizerBuilder = Callable[[Iterable[str]], Tokenizer]
 
 
@@ -112,6 +114,10 @@ class TaskDataModule(L.LightningDataModule):
         """The tokenizer given ready-made (a checkpoint's), in the form the task's encoding uses."""
         return tokenizer
 
+    def left_out_reason(self, name: str, data: Any) -> str | None:
+        """Why a split the source gave cannot be scored and is left out (e.g. it has no labels); ``None`` keeps it."""
+        return None
+
     def describe(self, splits: dict[str, Any]) -> dict[str, Any]:
         """Meta data that holds for all splits (e.g. the label set), decided before they are encoded."""
         return {}
@@ -137,12 +143,25 @@ class TaskDataModule(L.LightningDataModule):
         """Why the training split gives no batch to each of ``world`` processes, and the fix."""
         return f"The train split is too small for {world} process(es) at this batch size. Lower data.batch_size."
 
+    def unserved_reason(self, name: str, info: dict[str, Any]) -> str:
+        """Why a split in the cache serves no batch (``info``: what :meth:`encode_split` returned), and the fix."""
+        return f"the {name} split serves no batch"
+
     def missing_split_message(self, split: str) -> str:
-        """The error for evaluating a split the data does not have."""
-        return (
-            f"The data has no {split} split. Give data.source.{'val' if split == 'validation' else split}_files, "
-            "or set data.source.val_fraction / test_fraction to draw it from the training split."
-        )
+        """The error for a loader of a split the data does not have."""
+        return f"The data has no {split} split: {self.absent_reason(split)}."
+
+    def absent_reason(self, split: str) -> str | None:
+        """Why the data has no ``split`` to serve, with the fix (``None``: it has one). Asked after :meth:`setup`, so
+        that a caller decides which splits to score before scoring any: the source gives none (no files, a hub data
+        set without it, a share of 0), the split was left out (:meth:`left_out_reason`), or it serves no batch
+        (:meth:`unserved_reason`)."""
+        if split in self.datasets:
+            return None
+        if split in self.meta["splits"]:
+            return self.unserved_reason(split, self.meta["splits"][split])
+        left_out = self.meta.get("left_out", {}).get(split)
+        return left_out or self.source.absent_reason(split)
 
     # -- the cache ----------------------------------------------------------------------------
     def _key(self) -> str:
@@ -159,11 +178,17 @@ class TaskDataModule(L.LightningDataModule):
         self._cache = cached_dir(self.cache_root, self._key(), self.build_cache, self.resumable_cache)
 
     def build_cache(self, folder: Path) -> None:
-        """Encode every split into ``folder``, beside ``tokenizer.json`` and ``meta.json``."""
+        """Encode every split into ``folder``, beside ``tokenizer.json`` and ``meta.json`` (which also records the
+        splits left out, and why)."""
         splits = self.read_splits()
+        left_out = {name: why for name, data in splits.items() if (why := self.left_out_reason(name, data))}
+        for name, why in left_out.items():
+            log.warning("Left out: %s.", why)
+            del splits[name]
         meta = self.describe(splits)
         tokenizer = self._cache_tokenizer(folder, splits)
         meta["splits"] = {name: self.encode_split(folder, name, data, tokenizer, meta) for name, data in splits.items()}
+        meta["left_out"] = left_out
         (folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
     def _cache_tokenizer(self, folder: Path, splits: dict[str, Any]) -> Tokenizer:

@@ -98,8 +98,15 @@ class ClassificationDataModule(TaskDataModule):
             "labels": self.fixed_labels,
         }
 
-    def read_splits(self) -> dict[str, SplitTable]:
-        return {name: table for name, table in super().read_splits().items() if _has_labels(table, name)}
+    def left_out_reason(self, name: str, data: SplitTable) -> str | None:
+        """A split whose labels are all missing or ``-1`` (SST-2's test split) is left out; the training split
+        must have labels."""
+        values = data.columns["label"]
+        if not all(v is None or v == UNLABELLED for v in values):
+            return None
+        if name == "train":
+            raise DataError(f"The training split ({data.origin}) has no labels (all missing or -1).")
+        return f"the {name} split ({data.origin}) has no labels (all missing or -1)"
 
     def describe(self, splits: dict[str, SplitTable]) -> dict[str, Any]:
         return {"labels": self.fixed_labels or _label_names(splits["train"], self.source.columns["label"])}
@@ -187,26 +194,9 @@ class ClassificationDataModule(TaskDataModule):
     def eval_sampler(self, data: EncodedTexts, rank: int, world: int) -> BucketBatchSampler:
         return BucketBatchSampler(data.lengths, self.eval_batch_size, False, rank=rank, world_size=world)
 
-    def missing_split_message(self, split: str) -> str:
-        return (
-            f"The data has no labelled {split} split. Give data.source.val_files / test_files, "
-            "or set data.source.val_fraction to draw validation examples from the training split."
-        )
-
 
 def _texts(table: SplitTable) -> list[str]:
     return [text if isinstance(text, str) else "" for text in table.columns["text"]]
-
-
-def _has_labels(table: SplitTable, split: str) -> bool:
-    """False for a split without labels (all ``-1`` or missing): it is left out with a warning."""
-    values = table.columns["label"]
-    if all(v is None or v == UNLABELLED for v in values):
-        if split == "train":
-            raise DataError(f"The training split ({table.origin}) has no labels (all missing or -1).")
-        log.warning("The %s split (%s) has no labels (all missing or -1) and is left out.", split, table.origin)
-        return False
-    return True
 
 
 def _label_names(train: SplitTable, column: str) -> list[str]:

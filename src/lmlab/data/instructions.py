@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lmlab.chat_format import TEMPLATES, ChatFormat
+from lmlab.chat_format import TEMPLATES, ChatFormat, RenderLimits
 from lmlab.data.base import TokenizerBuilder
 from lmlab.data.batching import BucketBatchSampler, pad_batch
 from lmlab.data.lm import LanguageModelData
@@ -72,7 +72,8 @@ class EncodedExchanges(BatchedDataset):
 class InstructionDataModule(LanguageModelData):
     """Prompt/response pairs from a :class:`TableSource` (roles ``prompt`` and ``response``, and ``context``, an
     optional column joined to the prompt after ``context_separator``, as Alpaca's ``input``), tokenized once
-    (cached). ``template``, ``user_prefix`` and ``assistant_prefix`` choose the format (:mod:`lmlab.chat_format`)."""
+    (cached). ``template``, ``user_prefix`` and ``assistant_prefix`` choose the format (:mod:`lmlab.chat_format`);
+    ``template_limits`` bound each render of a chat template."""
 
     roles = ("prompt", "response")
     source: TableSource
@@ -89,6 +90,7 @@ class InstructionDataModule(LanguageModelData):
         assistant_prefix: str = "Assistant: ",
         context_separator: str = "\n\n",
         bucket_batches: int = 100,
+        template_limits: dict[str, Any] | None = None,
         **loading: Any,
     ) -> None:
         super().__init__(source, tokenizer, block_size, **loading)
@@ -106,6 +108,7 @@ class InstructionDataModule(LanguageModelData):
         self.overlong = overlong
         self.template, self.user_prefix, self.assistant_prefix = template, user_prefix, assistant_prefix
         self.context_separator, self.bucket_batches = context_separator, bucket_batches
+        self.template_limits = RenderLimits.of(template_limits, "data.template_limits")
 
     # -- building the cache ---------------------------------------------------------------
     def cache_parts(self) -> dict[str, Any]:
@@ -121,7 +124,9 @@ class InstructionDataModule(LanguageModelData):
         }
 
     def chat_format(self, tokenizer: Tokenizer) -> ChatFormat:
-        return ChatFormat.for_tokenizer(tokenizer, self.template, self.user_prefix, self.assistant_prefix)
+        return ChatFormat.for_tokenizer(
+            tokenizer, self.template, self.user_prefix, self.assistant_prefix, self.template_limits
+        )
 
     def fit_tokenizer(self, splits: dict[str, SplitTable]) -> Tokenizer:
         # a tokenizer trained here brings no chat template: the plain one writes the text it learns
@@ -247,12 +252,6 @@ class InstructionDataModule(LanguageModelData):
 
     def eval_sampler(self, data: EncodedExchanges, rank: int, world: int) -> BucketBatchSampler:
         return BucketBatchSampler(data.lengths, self.eval_batch_size, False, rank=rank, world_size=world)
-
-    def missing_split_message(self, split: str) -> str:
-        return (
-            f"The data has no {split} split. Give data.source.{'val' if split == 'validation' else split}_files, "
-            "or set data.source.val_fraction / test_fraction to draw it from the training examples."
-        )
 
 
 def _text(value: Any) -> str:

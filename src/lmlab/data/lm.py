@@ -23,6 +23,7 @@ from torch.utils.data import BatchSampler, Sampler
 from lmlab.data.base import TaskDataModule, TokenizerBuilder
 from lmlab.data.corpus import no_end_of_text, prepare_split
 from lmlab.data.info import LMDataInfo
+from lmlab.data.splits import share_key
 from lmlab.data.storage import BatchedDataset, TokenShards
 from lmlab.data.text_sources import SplitText, TextSource
 from lmlab.errors import DataError
@@ -202,8 +203,18 @@ class LMDataModule(LanguageModelData):
         starts = list(range(0, len(data) - self.block_size, self.block_size))[rank::world]
         return [starts[i : i + self.eval_batch_size] for i in range(0, len(starts), self.eval_batch_size)]
 
-    def missing_split_message(self, split: str) -> str:
+    def unserved_reason(self, name: str, info: dict[str, Any]) -> str:
+        """A split shorter than one block: no block of it is scored."""
+        if not info["tokens"]:
+            return f"the {name} text is empty (give it some text)"
         return (
-            f"The {split} split is missing or shorter than data.block_size+1 tokens; "
-            "give it more text or set a smaller data.block_size."
+            f"the {name} split has {info['tokens']} tokens, fewer than one block of data.block_size+1="
+            f"{self.block_size + 1} (give it more text: in its files, or by a larger {share_key(name)} where it is cut "
+            "from the training text)"
         )
+
+    def missing_split_message(self, split: str) -> str:
+        message = super().missing_split_message(split)
+        # in training, data.block_size is the run's own choice (in scoring, it is the checkpoint's)
+        too_short = self.meta["splits"].get(split, {}).get("tokens")
+        return f"{message} Or lower data.block_size." if too_short else message

@@ -10,7 +10,6 @@ bytes a token for vocabularies up to 65,536 ids.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from lmlab.errors import DiskFullError
+from lmlab.safe_output import is_disk_full, no_space_left
 
 SHARDS_FILE = "shards.json"
 
@@ -113,11 +112,12 @@ class ShardWriter:
         try:
             write()
         except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_disk_full(err):
                 raise
-            raise DiskFullError(
-                f"The disk holding {self.folder} is full. Free some space (or set data.cache_dir to a larger disk) "
-                "and run again: the preparation resumes from its last finished shard."
+            raise no_space_left(
+                self.folder,
+                "free some space (or set data.cache_dir to a larger disk) and run again: the preparation resumes "
+                "from its last finished shard.",
             ) from None
 
 

@@ -26,7 +26,7 @@ from lmlab.data.files import (
     read_text_file,
     resolve_files,
 )
-from lmlab.data.splits import SPLITS, keep_wanted, splits_to_read
+from lmlab.data.splits import SPLITS, hub_split_absent, keep_wanted, not_drawn, splits_to_read
 from lmlab.errors import DataError
 from lmlab.registry import register
 
@@ -36,6 +36,8 @@ log = logging.getLogger("lmlab")
 _LOCAL_OPTIONS = {"src": "translation_files", "prompt": "instructions"}
 #: the names the translation sides had before ``src`` and ``tgt``; configs and checkpoints that use them still read
 _FORMER_SIDES = {"source": "src", "target": "tgt"}
+#: how a table source draws a split it lacks (:func:`~lmlab.data.splits.not_drawn`)
+DRAWN_FROM_TRAIN = "drawn at random from the training rows"
 
 
 @dataclass
@@ -77,6 +79,10 @@ class TableSource:
 
     def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         raise NotImplementedError
+
+    def absent_reason(self, split: str) -> str:
+        """Why this source gives no ``split`` (asked of a split it did not give), and the fix."""
+        return f"the data source ({type(self).__name__}) gives no {split} split"
 
     def to_read(self, splits: Collection[str] | None, given: Collection[str]) -> set[str]:
         """Which of the ``given`` splits to read to serve ``splits``."""
@@ -248,6 +254,9 @@ class HubTable(TableSource):
             **self._base_fingerprint(),
         }
 
+    def absent_reason(self, split: str) -> str:
+        return hub_split_absent(self.path, self.data_files, self.splits, split, DRAWN_FROM_TRAIN)
+
 
 @register("source")
 class TableFiles(TableSource):
@@ -291,6 +300,10 @@ class TableFiles(TableSource):
             "files": {s: file_signature(f) for s, f in self._files(splits).items()},
             **self._base_fingerprint(),
         }
+
+    def absent_reason(self, split: str) -> str:
+        key = files_key(split)
+        return not_drawn(split, f"no {key} are given", f"give {key}", DRAWN_FROM_TRAIN)
 
 
 @register("source")
@@ -349,3 +362,7 @@ class AlignedTextFiles(TableSource):
             **self._base_fingerprint(),
             "files": {s: file_signature([p["src"], p["tgt"]]) for s, p in self._files(splits).items()},
         }
+
+    def absent_reason(self, split: str) -> str:
+        key = f"data.source.{split}"
+        return not_drawn(split, f"no {key} files are given", f"give them ({key}.src, {key}.tgt)", DRAWN_FROM_TRAIN)

@@ -23,13 +23,15 @@ from lmlab.data.files import (
     files_key,
     load_hub_dataset,
 )
-from lmlab.data.splits import SPLITS, keep_wanted, splits_to_read
+from lmlab.data.splits import SPLITS, hub_split_absent, keep_wanted, not_drawn, share_key, splits_to_read
 from lmlab.errors import DataError
 from lmlab.registry import register
 
 #: the item of a split's stream that marks the end of a document (``end_of_document``)
 DOC_END = None
 Documents = Callable[[], Iterable[Iterable[str]]]
+#: how a text source draws a split it lacks (:func:`~lmlab.data.splits.not_drawn`)
+CUT_FROM_TRAIN = "cut from the end of the training text"
 
 
 class SplitText:
@@ -90,9 +92,11 @@ def _within(items: Iterable[str | None], start: int, end: int) -> Iterator[str |
 
 
 def carve_splits(text: str, val_fraction: float, test_fraction: float) -> dict[str, str]:
-    """Contiguous split of one text: train first, then validation, then test."""
+    """Contiguous split of one text: train first, then validation, then test; a split of share 0 is none."""
     train_end, val_end = _carve_points(len(text), val_fraction, test_fraction)
-    return {"train": text[:train_end], "validation": text[train_end:val_end], "test": text[val_end:]}
+    carved = {"train": text[:train_end], "validation": text[train_end:val_end], "test": text[val_end:]}
+    shares = {"validation": val_fraction, "test": test_fraction}
+    return {name: part for name, part in carved.items() if shares.get(name, 1) > 0}
 
 
 def _carve_points(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
@@ -117,6 +121,10 @@ class TextSource:
 
     def fingerprint(self, splits: Collection[str] | None = None) -> dict[str, Any]:
         raise NotImplementedError
+
+    def absent_reason(self, split: str) -> str:
+        """Why this source gives no ``split`` (asked of a split it did not give), and the fix."""
+        return f"the data source ({type(self).__name__}) gives no {split} split"
 
 
 @register("source")
@@ -145,6 +153,10 @@ class PydocTopics(TextSource):
             "val": self.val_fraction,
             "test": self.test_fraction,
         }
+
+    def absent_reason(self, split: str) -> str:
+        key = share_key(split)
+        return f"{key} is 0 (set it above 0 to have a {split} split {CUT_FROM_TRAIN})"
 
 
 @register("source")
@@ -218,6 +230,9 @@ class HubText(TextSource):
             **({"end_of_document": True} if self.end_of_document else {}),
         }
 
+    def absent_reason(self, split: str) -> str:
+        return hub_split_absent(self.path, self.data_files, self.splits, split, CUT_FROM_TRAIN)
+
 
 @register("source")
 class TextFiles(TextSource):
@@ -265,6 +280,10 @@ class TextFiles(TextSource):
             "test": self.test_fraction,
             **({"end_of_document": True} if self.end_of_document else {}),
         }
+
+    def absent_reason(self, split: str) -> str:
+        key = files_key(split)
+        return not_drawn(split, f"no {key} are given", f"give {key}", CUT_FROM_TRAIN)
 
 
 def _fill_missing_splits(

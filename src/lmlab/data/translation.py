@@ -255,13 +255,6 @@ class TranslationDataModule(TaskDataModule):
             data.sizes(), self.eval_batch_size, False, self.seed, self.bucket_batches, rank, world
         )
 
-    def missing_split_message(self, split: str) -> str:
-        return (
-            f"The data has no {split} split. Give one (data.source.val_files / test_files, or "
-            "data.source.validation / test for aligned text files), or set data.source.val_fraction "
-            "to draw validation pairs from the training split."
-        )
-
 
 def _texts(table: SplitTable, role: str) -> list[str]:
     return [text if isinstance(text, str) else "" for text in table.columns[role]]

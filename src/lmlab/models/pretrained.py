@@ -4,6 +4,11 @@ A network that wraps one saves the model's Hugging Face config in lmlab checkpoi
 checkpoint loads without the hub or the original folder: the architecture is rebuilt from that config and
 the weights come from the checkpoint. A LoRA run's checkpoints, which leave the pretrained weights out, save no
 ``hf_config``: loading one reads the model from its name or folder again (:mod:`lmlab.models.lora`).
+
+Weights are read from safetensors files only. A ``pytorch_model.bin`` is a pickle, and unpickling a stranger's
+file can run code: even torch's restricted ``weights_only`` unpickler has let code through before. So a folder
+that holds only pickled weights is refused (:class:`UnsafeCheckpointError`) before any byte of them is read, as
+lmlab checkpoints holding pickled objects are.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from lmlab.errors import ConfigError
+from lmlab.errors import ConfigError, UnsafeCheckpointError
 
 
 def load_pretrained_model(
@@ -47,13 +52,21 @@ def load_pretrained_model(
     source = str(local) if local.exists() else name_or_path
     try:
         changes = {} if dropout is None else dropout_settings(transformers.AutoConfig.from_pretrained(source), dropout)
-        model = getattr(transformers, auto_class).from_pretrained(source, trust_remote_code=False, **changes)
+        auto = getattr(transformers, auto_class)
+        model = auto.from_pretrained(source, trust_remote_code=False, use_safetensors=True, **changes)
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())  # on one line
+        pickled = sorted(local.glob(PICKLED_WEIGHTS)) if local.is_dir() else []
+        if pickled:
+            raise UnsafeCheckpointError(
+                f"Refusing to load '{pickled[0]}': its weights are pickled, which could run code when loaded; lmlab "
+                f"reads safetensors weights only. Convert them where you trust the file: transformers.{auto_class}"
+                f".from_pretrained('{local}').save_pretrained('{local}') writes model.safetensors beside it."
+            ) from None
         if local.exists():
             raise ConfigError(
                 f"model.name_or_path: '{local}' holds no model that model={option} can load ({reason}). It needs "
-                "the config.json and weights that save_pretrained writes."
+                "the config.json and safetensors weights that save_pretrained writes."
             ) from None
         raise ConfigError(
             f"model.name_or_path: could not load '{name_or_path}' from the Hugging Face hub ({reason}). Offline? "
@@ -62,6 +75,10 @@ def load_pretrained_model(
     # from_pretrained leaves the model in eval mode, and Lightning keeps the modes it finds: fine-tuning
     # would run without the model's dropout
     return model.train()
+
+
+#: the weight files ``transformers`` saved with ``torch.save`` (a pickle) before it wrote safetensors
+PICKLED_WEIGHTS = "pytorch_model*.bin"
 
 
 def dropout_settings(config: Any, dropout: float) -> dict[str, float]:

@@ -68,7 +68,8 @@ class TaskModule(L.LightningModule):
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer_state", "run_config"])
+        # logger=False: lmlab.loggers logs the whole run's config, flat, once (this would add a second, nested copy)
+        self.save_hyperparameters(ignore=["tokenizer_state", "run_config"], logger=False)
         self.tokenizer_state, self.run_config = tokenizer_state, run_config
         self.tokenizer: Tokenizer | None = tokenizer_from_state(tokenizer_state) if tokenizer_state else None
         info_type: type[DataInfo] = locate(self.data_module).info_type
@@ -171,7 +172,7 @@ class TaskModule(L.LightningModule):
 
     def log_training(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         """A training step's metrics (``train/*``), kept on the device: the loggers read them every
-        ``trainer.log_every_n_steps`` steps, and so does the progress bar (:class:`lmlab.callbacks.ProgressBar`),
+        ``trainer.log_every_n_steps`` steps, and so does the progress bar (:class:`lmlab.progress.ProgressBar`),
         so no step waits for the device to report them."""
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
 
