@@ -75,9 +75,9 @@ def run_folder_of(checkpoint: Path) -> Path | None:
 
 def continue_the_run(args: list[str], compose: Any) -> list[str]:
     """The command line that continues the run ``ckpt_path`` names in ``args``: its overrides, ``args`` on top,
-    ``ckpt_path`` the checkpoint file and Hydra's run folder the run's. ``compose(overrides)`` composes the train
-    config (without Hydra's runtime). ``args`` as they are when they resume no run (no ``ckpt_path``, a checkpoint
-    outside a run folder, a multirun)."""
+    ``ckpt_path`` the checkpoint file and Hydra's run folder the run's (unless ``hydra.run.dir`` names another).
+    ``compose(overrides)`` composes the train config (without Hydra's runtime). ``args`` as they are when they
+    resume no run (no ``ckpt_path``, a checkpoint outside a run folder, a multirun)."""
     global resuming
     given = _key_values(args)
     value = given.get("ckpt_path")
@@ -101,6 +101,9 @@ def continue_the_run(args: list[str], compose: Any) -> list[str]:
     merged = [*restored, *others, f"ckpt_path={checkpoint.resolve()}"]
     _refuse_changes_to_what_was_trained(folder, compose, merged, added)
     resuming = Resume(folder, checkpoint.resolve(), restored, added, skipped)
+    if "hydra.run.dir" in given:  # the folder asked for: the run goes on there
+        resuming.folder = Path(given["hydra.run.dir"])
+        return merged
     return [*merged, f"hydra.run.dir={folder}"]
 
 
