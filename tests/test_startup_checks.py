@@ -67,7 +67,7 @@ def test_a_mistake_is_reported_before_torch_loads_once_and_leaves_no_run_folder(
     assert message not in done.stdout, "the error is printed twice"
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert not {"torch", "lightning"} & imported, f"reported after importing torch or Lightning ({elapsed:.1f} s)"
-    assert not list(tmp_path.glob("logs/*/runs/*")), "the failed command left a run folder"
+    assert not (tmp_path / "logs").exists(), "the failed command left a run folder"
 
 
 def test_a_run_that_fails_keeps_its_folder_only_if_training_started(tmp_path: Path) -> None:

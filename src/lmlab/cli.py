@@ -366,11 +366,23 @@ def _clean_up_failed_run(err: BaseException) -> None:
     written = {p.name for p in folder.iterdir()} - _STARTUP_FILES - {f"{hydra_cfg.job.name}.log"}
     if not written and hydra_cfg.mode == RunMode.RUN:
         shutil.rmtree(folder, ignore_errors=True)
+        _remove_empty_parents(folder, Path.cwd())
         return
     record = folder / "metrics.json"
     if not record.exists():
         reason = str(err.error) if isinstance(err, UserErrorExit) else f"{type(err).__name__}: {err}"
         record.write_text(json.dumps({"status": "failed", "error": reason}, indent=2))
+
+
+def _remove_empty_parents(folder: Path, root: Path) -> None:
+    """The folders above ``folder`` up to ``root`` (``logs/train/runs``) that the run's creation left empty."""
+    for parent in folder.resolve().parents:
+        if parent == root.resolve() or root.resolve() not in parent.parents:
+            return
+        try:
+            parent.rmdir()  # only an empty folder
+        except OSError:
+            return
 
 
 train = _console("train", "lmlab.train", schema=TrainSchema, reads_data=True, continues_runs=True)
