@@ -34,9 +34,9 @@ def main() -> None:
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
-    from lmlab.checkpoint import load_language_model
     from lmlab.export import export
-    from lmlab.generation import generate
+    from lmlab.inference.generation import generate
+    from lmlab.run.checkpoint import load_language_model
 
     model, _ = load_language_model(args.ckpt)
     net = model.net.eval()

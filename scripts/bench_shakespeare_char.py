@@ -98,7 +98,7 @@ def run_experiment(experiment: str, data: Path, root: Path, overrides: list[str]
 
 def _parameters(ckpt: Path) -> int:
     """Trainable parameters of the checkpoint's network, tied matrices counted once."""
-    from lmlab.checkpoint import load_language_model
+    from lmlab.run.checkpoint import load_language_model
 
     model, _ = load_language_model(ckpt)
     return sum(p.numel() for p in model.net.parameters())

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import sacrebleu
 import torch
 
-from lmlab.checkpoint import load_task
+from lmlab.run.checkpoint import load_task
 
 
 def train(experiment: str, args: argparse.Namespace, run_dir: Path, root: Path) -> float:

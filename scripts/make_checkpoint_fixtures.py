@@ -153,7 +153,7 @@ def network_logits(task: torch.nn.Module, inputs: tuple[torch.Tensor, ...], lm: 
 
 
 def build(name: str, out: Path, work: Path) -> dict[str, object]:
-    from lmlab.checkpoint import load_task
+    from lmlab.run.checkpoint import load_task
 
     run = work / name
     run.mkdir()

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from lmlab.config import config_dir
+from lmlab.config.schema import config_dir
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -27,11 +27,40 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# the signatures the start-up checks record (lmlab.signatures) go to a folder of this test session, shared by its
+# the signatures the start-up checks record (lmlab.config.signatures) go to a folder of this test session, shared by its
 # commands, not to the user's cache
 _SIGNATURES = tempfile.mkdtemp(prefix="lmlab-signatures-")
 atexit.register(shutil.rmtree, _SIGNATURES, ignore_errors=True)
 os.environ.setdefault("LMLAB_CACHE_HOME", _SIGNATURES)
+# One thread for torch here and in the commands the tests start: the networks are tiny, and tests run side by side
+# (pytest -n auto, commands started together): threads that wait for each other on a shared core make a recurrent
+# network's many small steps tens of times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked slow first: run in parallel, the long ones start together at once rather than finishing
+    the run alone at its end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def built_once(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name`` that ``build`` fills once per test run, shared by every worker of a parallel run (the
+    others wait for the one building it)."""
+    from filelock import FileLock
+
+    base = factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / "built_once" / name, root / "built_once" / f"{name}.done"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
 
 # A training run in tests prints no progress bars, summaries or config and skips the sanity check.
 QUIET = [
@@ -67,12 +96,26 @@ HUB_COPIES = {
 
 
 def offline_data(option: str, root: Path = SHARED_DATA, splits: Sequence[str] | None = None) -> str:
-    """The README's offline form of a hub data option (overrides, quoted for a shell), reading the copies of its
+    """The documented offline form of a hub data option (overrides, quoted for a shell), reading the copies of its
     splits (or of ``splits``) under ``root``: the shared data, or a folder laid out the same way."""
     folder, names = HUB_COPIES[option]
     names = list(splits or names)
     files = ", ".join(f"{name}: {root.resolve() / folder / name}.parquet" for name in names)
     return f"data.source.path=parquet data.source.name=null 'data.source.data_files={{{files}}}'"
+
+
+def write_slices(root: Path, rows: Mapping[str, int]) -> None:
+    """Under ``root``, in the layout of ``../shared/data``, ``rows[folder]`` rows of each split of every hub data
+    option's shared copy (:data:`HUB_COPIES`), spread over the split so that every label is there: what the offline
+    form of a hub data option reads where a test needs its format, not its size."""
+    import pyarrow.parquet as pq
+
+    for folder, name in {(folder, name) for folder, names in HUB_COPIES.values() for name in names}:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        table = pq.read_table(SHARED_DATA / folder / f"{name}.parquet")
+        step = max(len(table) // rows[folder], 1)
+        taken = list(range(0, len(table), step))[: rows[folder]]
+        pq.write_table(table.take(taken), root / folder / f"{name}.parquet")
 
 
 @pytest.fixture

@@ -14,8 +14,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import Command, script
-from lmlab.config import config_dir
+from lmlab.config.schema import config_dir
 from test_config import group_options
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("as_installed")]
 
 # limits only: a tiny model, a few steps, few validation and test batches, short samples
 TINY = [

@@ -144,6 +144,7 @@ def test_unknown_key_names_the_closest_valid_key(override: str, closest: str, ma
 
 
 # -- as typed in a shell: one line on stderr, status 1, no traceback ------------------------------------------
+@pytest.mark.slow
 def test_console_errors_are_one_line(tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(b"PK\x03\x04" + b"\0" * 100)

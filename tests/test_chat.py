@@ -15,9 +15,12 @@ import pytest
 
 from conftest import QUIET, Command, compose_cfg, script
 from lmlab.chat import Conversation, _safe_length
-from lmlab.checkpoint import load_language_model
 from lmlab.errors import ConfigError
+from lmlab.run.checkpoint import load_language_model
 from lmlab.train import train
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("chat")
 
 EXCHANGES = {"hi": "hello there", "bye": "see you"}
 
@@ -134,7 +137,7 @@ def _pretrained_with_template(folder: Path) -> Path:
 
 
 def test_a_pretrained_tokenizers_chat_template_is_kept_and_used(tmp_path: Path) -> None:
-    from lmlab.language_model import LanguageModel
+    from lmlab.inference.language_model import LanguageModel
     from lmlab.models.gpt import GPT
     from lmlab.tokenizers import load_pretrained, tokenizer_from_state
 

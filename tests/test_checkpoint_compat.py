@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import script
-from lmlab.checkpoint import load_task
+from lmlab.run.checkpoint import load_task
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 NAMES = sorted(path.name.removesuffix(".ckpt") for path in FIXTURES.glob("*.ckpt"))
@@ -51,6 +51,7 @@ def _run(args: list[str], cwd: Path, name: str, stdin: str | None = None) -> str
     return done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_entry_points_give_the_recorded_outputs(name: str, tmp_path: Path) -> None:
     expected, ckpt = _expected(name), f"ckpt_path={FIXTURES / name}.ckpt"

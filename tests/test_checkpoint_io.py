@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from conftest import FAST
-from lmlab.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries, write_atomically
-from lmlab.safe_output import temporary_name
+from lmlab.run.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries, write_atomically
+from lmlab.run.safe_output import temporary_name
 from lmlab.train import resolve_ckpt_path, train
 
 WRITER = """
 import sys, torch
-from lmlab.checkpoint_io import write_atomically
+from lmlab.run.checkpoint_io import write_atomically
 write_atomically({"version": 1, "w": torch.zeros(4)}, sys.argv[1])
 print("first", flush=True)
 write_atomically({"version": 2, "w": torch.randn(120_000_000)}, sys.argv[1])  # ~480 MB: seconds to write

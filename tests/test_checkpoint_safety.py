@@ -19,15 +19,18 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from conftest import FAST, Command, compose_cfg, script
-from lmlab.checkpoint import average_checkpoints, load_task, read_checkpoint, verify_checkpoint
 from lmlab.errors import CheckpointError, UnsafeCheckpointError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate_samples
 from lmlab.predict import predict
+from lmlab.run.checkpoint import average_checkpoints, load_task, read_checkpoint, verify_checkpoint
 from lmlab.tokenizers import tokenizer_from_state
 from lmlab.train import build_task, train
 from lmlab.translate import translate
 from test_config import DATA_INFO, _check_network_output, _local_encoder, group_options, model_task
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("checkpoint_safety")
 
 REPO = Path(__file__).resolve().parents[1]
 REFUSAL = "Refusing to load"
@@ -319,6 +322,7 @@ def test_checkpoint_of_every_model_loads_with_the_same_outputs(option: str, tmp_
 
 
 # -- through the console scripts, as a user runs them --------------------------------------------------
+@pytest.mark.slow
 def test_console_scripts_refuse_a_crafted_checkpoint_in_one_line(legit: dict[str, Any], tmp_path: Path) -> None:
     path, marker = _crafted_file(legit, "pickle_chain", tmp_path / "crafted")
     data_path, ckpt_arg = path.with_suffix(".txt"), f"ckpt_path={path}"

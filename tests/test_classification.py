@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from conftest import cls_overrides, write_labeled
-from lmlab.checkpoint import load_task
 from lmlab.errors import CheckpointMismatchError, ConfigError, DataError
 from lmlab.evaluate import evaluate
 from lmlab.predict import predict
+from lmlab.run.checkpoint import load_task
 from lmlab.tasks.classification import _class_weights, _scores
 from lmlab.train import train
 
@@ -213,6 +213,7 @@ def test_scoring_a_file_needs_no_training_files_and_a_split_drawn_from_them_name
         evaluate(make_cfg(drawn, config_name="eval"))
 
 
+@pytest.mark.slow
 def test_sweep_over_two_models_ranks_by_validation_accuracy(labeled_dir: Path, tmp_path: Path) -> None:
     from test_sweeps import _cli, _summary
 

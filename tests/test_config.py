@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-import lmlab.config as lmlab_config
+import lmlab.config.schema as lmlab_config
 from conftest import (
     FAST,
     tiny_lm_checkpoint,
@@ -39,8 +39,7 @@ from conftest import (
     write_labeled,
     write_pairs,
 )
-from lmlab.checkpoint import load_language_model
-from lmlab.config import (
+from lmlab.config.schema import (
     accepted_keys,
     check_task_data,
     check_task_model,
@@ -59,7 +58,8 @@ from lmlab.data.text_sources import HubText
 from lmlab.data.translation import TranslationDataModule
 from lmlab.errors import ConfigError
 from lmlab.models.base import ClassifierNetwork, Seq2SeqNetwork
-from lmlab.runtime import instantiate_dict
+from lmlab.run.checkpoint import load_language_model
+from lmlab.run.runtime import instantiate_dict
 from lmlab.tasks.base import TaskModule
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state, train_bpe
 from lmlab.train import build_task, train

@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import compose_cfg, script
-from lmlab.config import BASE_FOLDER, config_dir, data_options, is_base, locate, user_options
+from lmlab.config.schema import BASE_FOLDER, config_dir, data_options, is_base, locate, user_options
 from test_config import group_options
 
 CONF = Path(config_dir())

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lmlab.callbacks import ConfusionMatrixLogger, confusion_matrix_figure
+from lmlab.training.callbacks import ConfusionMatrixLogger, confusion_matrix_figure
 
 wandb = pytest.importorskip("wandb")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")

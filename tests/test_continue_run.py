@@ -6,9 +6,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 from conftest import QUIET, Command, script
+
+pytestmark = pytest.mark.slow
 
 #: a tiny run on the default data, every step logged, with all three loggers
 RUN = [

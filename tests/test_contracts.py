@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmlab.config import accepted_keys, config_dir, group_targets, locate, task_models, validate_config
+from lmlab.config.schema import accepted_keys, config_dir, group_targets, locate, task_models, validate_config
 from lmlab.data.info import LMDataInfo
 from lmlab.errors import ConfigError
 from lmlab.models.base import LanguageModelNetwork

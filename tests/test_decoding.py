@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from lmlab.decoding import beam_search, greedy_decode, max_target_lengths, select_rows
 from lmlab.errors import ConfigError
+from lmlab.inference.decoding import beam_search, greedy_decode, max_target_lengths, select_rows
 from lmlab.tasks.translation import Decoding
 
 PAD, BOS, EOS, JUNK = 0, 1, 2, 3

@@ -23,16 +23,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from conftest import FAST, Command, script
-from lmlab.checkpoint import load_task
-from lmlab.config import config_dir
+from lmlab.config.schema import config_dir
 from lmlab.data.tables import AlignedTextFiles, HubTable
 from lmlab.data.text_sources import HubText, PydocTopics
 from lmlab.errors import CheckpointMismatchError, ConfigError, DataError, NonFiniteLossError, TokenizerError
 from lmlab.evaluate import evaluate
 from lmlab.generate import generate_samples
+from lmlab.run.checkpoint import load_task
 from lmlab.tasks.lm import LanguageModelingTask
 from lmlab.tokenizers import tokenizer_from_state
 from lmlab.train import resolve_ckpt_path, train
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("entrypoints")]
 
 CONF = Path(config_dir())
 FAST_OVERRIDES = [f"++{o}" for o in FAST]

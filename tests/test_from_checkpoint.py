@@ -13,9 +13,12 @@ import pytest
 import torch
 
 from conftest import QUIET, compose_cfg
-from lmlab.checkpoint import load_language_model
 from lmlab.errors import ConfigError
+from lmlab.run.checkpoint import load_language_model
 from lmlab.train import train
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("from_checkpoint")
 
 pytest.importorskip("peft")
 
@@ -99,7 +102,7 @@ def test_a_tokenizer_or_context_that_does_not_fit_the_checkpoint_is_refused(runs
 
 def test_dropout_replaces_every_probability_of_the_checkpoints_network() -> None:
     from conftest import tiny_lm_checkpoint
-    from lmlab.models import CheckpointLM
+    from lmlab.run.from_checkpoint import CheckpointLM
 
     net = CheckpointLM(13, 16, str(tiny_lm_checkpoint()), dropout=0.3)
     layers = [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)]

@@ -12,15 +12,19 @@ import torch
 from omegaconf import DictConfig
 
 from conftest import FAST, Command, compose_cfg, script
-from lmlab import language_model, registry
-from lmlab.checkpoint import load_language_model, load_task
-from lmlab.config import accepted_keys, locate
+from lmlab import registry
+from lmlab.config.signatures import accepted_keys, locate
 from lmlab.errors import CheckpointMismatchError, ConfigError
 from lmlab.generate import generate_samples
-from lmlab.language_model import LanguageModel
+from lmlab.inference import language_model
+from lmlab.inference.language_model import LanguageModel
+from lmlab.run.checkpoint import load_language_model, load_task
 from lmlab.tasks.lm import LanguageModelingTask
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state, train_bpe, train_word
 from lmlab.train import build_task, train
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("generate_fast")
 
 TEXT = "the city of the river is old . the city of the hills is new .\n" * 20
 #: packages the console script must not import for a checkpoint of one of lmlab's own language models

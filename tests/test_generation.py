@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmlab.generation import filter_logits, generate, sample_next
+from lmlab.inference.generation import filter_logits, generate, sample_next
 from lmlab.models import GPT, RecurrentLM
 
 VOCAB = 29

@@ -16,12 +16,15 @@ import pytest
 import torch
 
 from conftest import QUIET, compose_cfg, save_tiny_causal_lm
-from lmlab.checkpoint import load_language_model
 from lmlab.errors import ConfigError
 from lmlab.export import export
-from lmlab.generation import generate
+from lmlab.inference.generation import generate
+from lmlab.run.checkpoint import load_language_model
 from lmlab.tokenizers import train_bpe
 from lmlab.train import train
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("hf_causal_lm")
 
 transformers = pytest.importorskip("transformers")
 

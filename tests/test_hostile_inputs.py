@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import CHAT_TEMPLATE, QUIET, Command, compose_cfg, script, toy_chat_lm_folder, write_exchanges
-from lmlab.chat_format import ChatFormat, RenderLimits, render_template
+from lmlab.data.chat_format import ChatFormat, RenderLimits, render_template
 from lmlab.errors import ChatTemplateError, ConfigError, UnsafeCheckpointError
 
 EOS = "<|endoftext|>"
@@ -303,7 +303,7 @@ def test_pickled_weights_in_a_pretrained_folder_are_refused_naming_the_file(tmp_
 
     from conftest import save_tiny_causal_lm
     from lmlab.models.hf_causal_lm import PretrainedCausalLM
-    from lmlab.runtime import user_errors
+    from lmlab.run.runtime import user_errors
 
     folder = save_tiny_causal_lm(tmp_path / "stranger", "gpt2", vocab_size=64, eos_id=0)
     weights = load_file(folder / "model.safetensors")

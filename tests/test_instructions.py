@@ -141,8 +141,9 @@ def test_a_context_column_joins_the_prompt(tmp_path: Path) -> None:
     assert texts == {"User: add\n\n2 and 3\nAssistant: 5\nUser", "User: say hi\nAssistant: hi\nUser"}
 
 
+@pytest.mark.slow
 def test_a_tuned_character_model_answers_in_lmlab_chat(tmp_path: Path) -> None:
-    """The README's commands, from an empty folder: tune on the pairs, then ask each prompt."""
+    """The commands of docs/language-models.md, from an empty folder: tune on the pairs, then ask each prompt."""
     pairs = write_exchanges(tmp_path / "pairs.jsonl", 40)
     run = tmp_path / "run"
     run.mkdir()

@@ -22,13 +22,16 @@ import yaml
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from conftest import Command, script
-from lmlab.preemption import requeue_signal_of
+from lmlab.run.preemption import requeue_signal_of
 from test_as_installed import TINY
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launcher")]
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason='needs pip install "lmlab[slurm]"')
 job_environment = pytest.importorskip("submitit.core.job_environment")
 
-#: a multi-GPU, multi-node SLURM sweep as the README shows it
+#: a multi-GPU, multi-node SLURM sweep as docs/sweeps.md shows it
 SLURM_DDP = [
     "hydra/launcher=slurm",
     "trainer=ddp",

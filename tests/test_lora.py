@@ -17,14 +17,17 @@ import pytest
 import torch
 
 from conftest import compose_cfg, save_tiny_causal_lm
-from lmlab.checkpoint import load_language_model
 from lmlab.errors import CheckpointMismatchError, ConfigError
 from lmlab.export import export
 from lmlab.models.classifiers import HFEncoderClassifier
 from lmlab.models.hf_causal_lm import PretrainedCausalLM
 from lmlab.models.lora import parameter_counts
+from lmlab.run.checkpoint import load_language_model
 from lmlab.train import train
 from test_hf_causal_lm import _overrides, make_corpus
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("lora")
 
 pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

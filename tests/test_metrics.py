@@ -1,11 +1,11 @@
-"""Corpus-level metrics (lmlab.metrics) against sacreBLEU's own scores of the same strings."""
+"""Corpus-level metrics (lmlab.evaluation.metrics) against sacreBLEU's own scores of the same strings."""
 
 from __future__ import annotations
 
 import pytest
 import sacrebleu
 
-from lmlab.metrics import CorpusScore
+from lmlab.evaluation.metrics import CorpusScore
 
 
 def test_metric_objects_equal_sacrebleu_on_fixed_strings() -> None:

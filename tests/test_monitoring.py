@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lmlab.monitoring import GradientMonitor
+from lmlab.training.monitoring import GradientMonitor
 
 BATCHES = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(0))
 LR = 0.1

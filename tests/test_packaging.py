@@ -31,7 +31,7 @@ def test_wheel_carries_config_tree_and_composes(tmp_path: Path) -> None:
     zipfile.ZipFile(wheel).extractall(site)
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from lmlab.config import config_dir; from hydra import compose, initialize_config_dir;"
+        "from lmlab.config.schema import config_dir; from hydra import compose, initialize_config_dir;"
         "d = config_dir(); assert d.startswith(sys.argv[1]), d;"
         "initialize_config_dir(config_dir=d, version_base='1.3');"
         "cfg = compose('train', overrides=['model=lstm', 'experiment=lm/shakespeare_char']);"

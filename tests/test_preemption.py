@@ -223,6 +223,7 @@ class CopyLastAt(L.Callback):
 
 
 # -- as a user or a scheduler meets it: the console script -------------------------------------------------
+@pytest.mark.slow
 def test_console_train_stopped_by_sigterm_exits_143_and_says_how_to_resume(tmp_path: Path) -> None:
     text = tmp_path / "input.txt"
     text.write_text("the red cat sat on the blue mat.\n" * 600, encoding="utf-8")

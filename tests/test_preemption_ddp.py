@@ -25,10 +25,13 @@ import torch
 from conftest import Command, script
 from test_sweeps import _tiny
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="torch.distributed with the gloo backend is not available",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="torch.distributed with the gloo backend is not available",
+    ),
+    pytest.mark.slow,
+]
 
 START_TIMEOUT_S = 240  # two processes importing torch and Lightning on a busy two-core machine
 STOP_TIMEOUT_S = 60  # from the signals to the end of every process: well above a clean stop, below a hang

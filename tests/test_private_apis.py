@@ -146,7 +146,7 @@ def test_hydra_config_repository_for_help_and_data_options() -> None:
     from hydra.core.default_element import ConfigDefault, GroupDefault
     from hydra.core.plugins import Plugins
 
-    from lmlab.config import config_dir
+    from lmlab.config.schema import config_dir
 
     Plugins.instance()
     search_path = ConfigSearchPathImpl()

@@ -19,12 +19,15 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from conftest import Command, script
-from lmlab.progress import ProgressBar, TextProgress
+from lmlab.training.progress import ProgressBar, TextProgress
 
 LINE = re.compile(
     r"step (\d+)/12 \(\d+\.\d%\) \| loss \d+\.\d+ \| lr \d\.\de-\d\d \| [\d,]+ tok/s \| elapsed \d+:\d\d:\d\d"
     r" \| ETA \d+:\d\d:\d\d$"
 )
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("progress")
 VALIDATION = re.compile(r"validation at step (\d+): val/bpc \S+ val/loss \S+ val/ppl \S+$")
 
 
@@ -176,7 +179,7 @@ def test_eta_counts_only_the_steps_this_process_made(
     step4_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = iter(range(0, 1000, 10))  # each reading of the clock is 10 s after the last
-    monkeypatch.setattr("lmlab.progress.time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    monkeypatch.setattr("lmlab.training.progress.time", SimpleNamespace(monotonic=lambda: float(next(clock))))
     with caplog.at_level(logging.INFO, logger="lmlab"):
         _fit(tmp_path, [TextProgress(every_n_steps=1, every_seconds=None)], step4_checkpoint, max_steps=8)
     lines = [r.getMessage() for r in caplog.records if r.name == "lmlab" and r.getMessage().startswith("step ")]

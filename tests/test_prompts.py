@@ -15,6 +15,9 @@ from lmlab.generate import generate_samples
 from lmlab.tokenizers import train_word
 from lmlab.train import build_task, train
 
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("prompts")
+
 PROMPT = "def f(x): return 'a, b' \"é\""
 
 

@@ -1,14 +1,17 @@
-"""Every command in README.md's fenced bash blocks, run as written.
+"""Every command in the fenced bash blocks of README.md and of the pages in docs/, run as written.
 
-Each section of the README runs in a fresh, empty directory, its commands in order, as a subprocess of
-``bash`` with no ``paths.*`` or ``hydra.*`` overrides. ``ROWS`` holds one row per command, and a row may
-add only two kinds of thing, both visible there: limiting overrides (fewer steps, batches, trials or
-tokens) and, for a command that reads a hub data set, the documented offline form of the same data option
-reading ``../shared/data``. The placeholders the README asks a user to fill in are filled the way the user
-would: ``<run>`` with the newest run folder of that path, ``ckpt_path=...`` with the checkpoint the
-previous command of the section used. The input files a command names (``train.csv``, ``test.de``) are
-written into the directory first, cut from the shared data sets. A command without a row, or a row
-without a command, fails the test.
+A section is a heading of one of these files (``docs/translation.md::Data``). Each section runs in a fresh,
+empty directory, its commands in order, as a subprocess of ``bash`` with no ``paths.*`` or ``hydra.*``
+overrides; sections are independent tests, so pytest-xdist runs them in parallel, and commands that use an
+earlier command's run share a section. ``ROWS`` holds one row per command, and a row may add only two kinds
+of thing, both visible there: limiting overrides (fewer steps, batches, trials or tokens) and, for a command
+that reads a hub data set, the documented offline form of the same data option, reading a slice of its copy in
+``../shared/data`` (``OFFLINE_ROWS`` rows of each split, in the same layout).
+The placeholders the docs ask a user to fill in are filled the way the user would: ``<run>`` with the newest
+run folder of that path, ``ckpt_path=...`` with the checkpoint the previous command of the section used. The
+input files a section's commands name (``train.csv``, ``test.de``) are written into the directory first
+(``INPUTS``), cut from the shared data sets. A command without a row, or a row without a command, fails the
+test.
 """
 
 from __future__ import annotations
@@ -19,32 +22,35 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import EXCHANGES, SHARED_DATA
+from conftest import EXCHANGES, SHARED_DATA, built_once, write_slices
 from conftest import offline_data as _offline
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
+#: the user docs: the README and every page of docs/
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
-# -- the README's commands --------------------------------------------------------------------------------
+# -- the documented commands ------------------------------------------------------------------------------
 
 
-def readme_sections(text: str) -> dict[str, list[str]]:
-    """The commands of each section's bash blocks: continuation lines joined, comments left out."""
+def doc_sections(text: str) -> dict[str, list[str]]:
+    """The commands of each heading's bash blocks: continuation lines joined, comments left out (other fenced
+    blocks, whose lines may start with ``#``, are skipped whole)."""
     sections: dict[str, list[str]] = {}
-    heading, inside, pending = "", False, ""
+    heading, fence, pending = "", None, ""
     for line in text.splitlines():
-        if not inside and line.startswith("#"):
+        if fence is None and line.strip().startswith("```"):
+            fence = line.strip().removeprefix("```")
+        elif fence is None and line.startswith("#"):
             heading = line.lstrip("#").strip()
-        elif line.strip() == "```bash":
-            inside = True
-        elif inside and line.strip() == "```":
-            inside = False
-        elif inside:
+        elif fence is not None and line.strip() == "```":
+            fence = None
+        elif fence == "bash":
             line = pending + line.lstrip() if pending else line
             pending = ""
             if line.rstrip().endswith("\\"):
@@ -56,7 +62,16 @@ def readme_sections(text: str) -> dict[str, list[str]]:
     return sections
 
 
-SECTIONS = readme_sections(README.read_text(encoding="utf-8"))
+def doc_name(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+#: ``file::heading`` -> the commands of that section, in order
+SECTIONS: dict[str, list[str]] = {
+    f"{doc_name(path)}::{heading}": commands
+    for path in DOCS
+    for heading, commands in doc_sections(path.read_text(encoding="utf-8")).items()
+}
 
 # -- the table: what each command gets added --------------------------------------------------------------
 
@@ -75,7 +90,7 @@ TRIALS = "hydra.sweeper.n_trials=2"
 
 @dataclass(frozen=True)
 class Row:
-    """What one README command gets: limiting overrides, the offline form of a hub data option, or the
+    """What one documented command gets: limiting overrides, the offline form of a hub data option, or the
     reason it cannot run here (``gpus``: how many CUDA devices it needs)."""
 
     add: str = ""
@@ -85,10 +100,37 @@ class Row:
 
 
 ROWS: dict[str, Row] = {
-    # Two commands
+    # README.md::Two commands
     'pip install "torch==2.13.0" -e . && lmlab-train': Row(add=STEPS),
-    'pip install "torch==2.13.0" -e ".[test]" && pytest': Row(skip="the test suite itself: .ci/run runs it"),
-    # Entry points
+    'pip install "torch==2.13.0" -e ".[test]" && pytest -n auto': Row(skip="the test suite itself: .ci/run runs it"),
+    # docs/training.md::Data
+    "lmlab-train data=text_files data.source.train_files='corpus/*.txt' data.source.val_fraction=0.1": Row(add=STEPS),
+    "lmlab-train data=text_files data.source.train_files=train.jsonl data.source.val_files=valid.jsonl "
+    "data.source.text_column=body": Row(add=STEPS),
+    "lmlab-train data=wikitext2 tokenizer=word model=lstm": Row(add=STEPS, offline="wikitext2"),
+    # docs/training.md::Hub data sets offline
+    "lmlab-train data=wikitext2 tokenizer=word model=lstm data.source.path=parquet data.source.name=null "
+    "data.source.data_files='{train: train.parquet, validation: validation.parquet, test: test.parquet}'": Row(
+        add=STEPS
+    ),
+    # docs/training.md::Corpora larger than memory
+    "lmlab-train data=text_files data.source.train_files='corpus/**/*.txt' data.source.end_of_document=true "
+    "tokenizer=bpe data.num_proc=2": Row(add=STEPS),
+    "lmlab-train data=hub_text data.source.path=HuggingFaceFW/fineweb-edu data.source.name=sample-10BT "
+    "data.source.streaming=true tokenizer=bpe": Row(add=STEPS, offline="hub_text"),
+    # docs/training.md::Resume
+    "lmlab-train ckpt_path=last": Row(add=STEPS.replace("max_steps=4", "max_steps=6")),
+    "lmlab-train ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt": Row(
+        add=STEPS.replace("max_steps=4", "max_steps=8")
+    ),
+    # docs/training.md::Multi-GPU and precision
+    "lmlab-train trainer=gpu trainer.precision=bf16-mixed compile=true": Row(add=STEPS, gpus=1),
+    "lmlab-train trainer=ddp trainer.devices=4": Row(add=STEPS, gpus=4),
+    "lmlab-train trainer=fsdp trainer.devices=8 trainer.num_nodes=2": Row(
+        skip="needs two nodes of eight GPUs each", gpus=16
+    ),
+    "lmlab-train trainer=ddp trainer.accelerator=cpu trainer.devices=2": Row(add=STEPS),
+    # docs/language-models.md::Generating text
     "lmlab-train model=lstm tokenizer=bpe tokenizer.vocab_size=4096 optimizer.lr=1e-3 trainer.max_steps=2000": Row(
         add=STEPS
     ),
@@ -100,82 +142,76 @@ ROWS: dict[str, Row] = {
     "lmlab-generate ckpt_path=... \"prompt='def f(x): return x, \\'é\\''\"": Row(add="max_new_tokens=5"),
     "lmlab-generate ckpt_path=... prompt_file=prompt.txt": Row(add="max_new_tokens=5"),
     'echo "def f(x):" | lmlab-generate ckpt_path=... prompt_file=-': Row(add="max_new_tokens=5"),
-    # Llama-style decoders, pretrained causal LMs and Hugging Face export
+    # docs/language-models.md::Llama-style decoders, export and chat
     "lmlab-train model=llama model.n_kv_head=1 trainer.max_steps=1000": Row(add=STEPS),
     "lmlab-export ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt out=hf_llama": Row(),
     'echo "What does the import statement do?" | lmlab-chat ckpt_path=... max_new_tokens=100': Row(
         add="max_new_tokens=5"
     ),
+    "lmlab-train model=from_checkpoint tokenizer=from_checkpoint "
+    "model.ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt model.lora.r=8 "
+    "data=text_files data.source.train_files=other.txt": Row(add=STEPS),
+    # docs/language-models.md::Instruction tuning
     "lmlab-train data=instructions data.source.train_files=pairs.jsonl tokenizer=char data.block_size=128": Row(
         add=STEPS
     ),
     'echo "hi" | lmlab-chat ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt temperature=0': Row(
         add="max_new_tokens=5"
     ),
-    "lmlab-train model=from_checkpoint tokenizer=from_checkpoint "
-    "model.ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt model.lora.r=8 "
-    "data=text_files data.source.train_files=other.txt": Row(add=STEPS),
     "lmlab-train experiment=lm/alpaca_qwen_lora trainer=gpu": Row(
         skip="downloads Qwen2.5-0.5B and Alpaca and needs a GPU (tests/test_config.py trains it offline, tiny)"
     ),
-    # Data
-    "lmlab-train data=text_files data.source.train_files='corpus/*.txt' data.source.val_fraction=0.1": Row(add=STEPS),
-    "lmlab-train data=text_files data.source.train_files=train.jsonl data.source.val_files=valid.jsonl "
-    "data.source.text_column=body": Row(add=STEPS),
-    "lmlab-train data=wikitext2 tokenizer=word model=lstm": Row(add=STEPS, offline="wikitext2"),
-    "lmlab-train data=wikitext2 tokenizer=word model=lstm data.source.path=parquet data.source.name=null "
-    "data.source.data_files='{train: train.parquet, validation: validation.parquet, test: test.parquet}'": Row(
-        add=STEPS
+    # docs/classification.md::Train and predict
+    "lmlab-train experiment=cls/imdb_lstm": Row(
+        add=f"{CLS_STEPS} model.hidden_size=16 data.eval_batch_size=16", offline="imdb"
     ),
-    # Corpora larger than memory
-    "lmlab-train data=text_files data.source.train_files='corpus/**/*.txt' data.source.end_of_document=true "
-    "tokenizer=bpe data.num_proc=2": Row(add=STEPS),
-    "lmlab-train data=hub_text data.source.path=HuggingFaceFW/fineweb-edu data.source.name=sample-10BT "
-    "data.source.streaming=true tokenizer=bpe": Row(add=STEPS, offline="hub_text"),
-    # Text classification
-    "lmlab-train experiment=cls/imdb_lstm": Row(add=CLS_STEPS, offline="imdb"),
+    "lmlab-predict ckpt_path=logs/imdb_lstm/runs/<run>/checkpoints/last.ckpt input=reviews.txt": Row(),
+    "cat reviews.txt | lmlab-predict ckpt_path=... output=predictions.jsonl": Row(),
+    # docs/classification.md::Models and data
     "lmlab-train task=classification model=textcnn data=sst2 tokenizer=word": Row(add=CLS_STEPS, offline="sst2"),
     "lmlab-train task=classification data=labeled_files data.source.train_files=train.csv "
     "data.source.test_files=test.csv data.source.columns.text=review data.source.columns.label=sentiment": Row(
         add=CLS_STEPS
     ),
-    "lmlab-predict ckpt_path=logs/imdb_lstm/runs/<run>/checkpoints/last.ckpt input=reviews.txt": Row(),
-    "cat reviews.txt | lmlab-predict ckpt_path=... output=predictions.jsonl": Row(),
-    # Translation
+    # docs/translation.md::Train, translate, average
     "lmlab-train experiment=mt/multi30k_transformer callbacks.model_checkpoint.save_top_k=5": Row(
         add=f"{MT_STEPS} {SMALL_TRANSFORMER}", offline="multi30k"
     ),
+    "lmlab-translate ckpt_path=logs/multi30k_transformer/runs/<run>/checkpoints/last.ckpt input=test.de "
+    "beam_size=5": Row(),
+    "cat test.de | lmlab-translate ckpt_path=... length_penalty=0.6 > test.hyp": Row(),
+    "lmlab-average logs/multi30k_transformer/runs/<run>/checkpoints/step_*.ckpt --out averaged.ckpt": Row(),
+    # docs/translation.md::Models
     "lmlab-train task=translation model=gru_attention data=multi30k data.source_lang=en data.target_lang=de": Row(
         add=f"{MT_STEPS} {SMALL_RNN}", offline="multi30k"
     ),
+    # docs/translation.md::Data
     "lmlab-train task=translation data=translation_files data.source.train_files=train.parquet "
     "data.source.val_files=valid.parquet data.source.test_files=test.parquet data.source_lang=de "
     "data.target_lang=en": Row(add=f"{MT_STEPS} {SMALL_TRANSFORMER}"),
     "lmlab-train task=translation data=aligned_text data.source.train.src=train.de data.source.train.tgt=train.en": Row(
         add=f"{MT_STEPS} {SMALL_TRANSFORMER}"
     ),
-    "lmlab-translate ckpt_path=logs/multi30k_transformer/runs/<run>/checkpoints/last.ckpt input=test.de "
-    "beam_size=5": Row(),
-    "cat test.de | lmlab-translate ckpt_path=... length_penalty=0.6 > test.hyp": Row(),
-    "lmlab-average logs/multi30k_transformer/runs/<run>/checkpoints/step_*.ckpt --out averaged.ckpt": Row(),
-    # Sweeps
+    # docs/sweeps.md::Grid, random and Optuna search
     "lmlab-train -m model=lstm,gru optimizer.lr=1e-3,3e-3": Row(add=STEPS),
     "lmlab-train hparams_search=lm_optuna hydra.sweeper.n_trials=20": Row(add=f"{STEPS} {TRIALS}"),
     "lmlab-train hparams_search=lm_random hydra.sweeper.n_trials=20": Row(add=f"{STEPS} {TRIALS}"),
     "lmlab-train hparams_search=lm_optuna hydra/sweeper/sampler=random": Row(add=f"{STEPS} {TRIALS}"),
+    # docs/sweeps.md::Classifiers
     "lmlab-train -m task=classification model=bilstm,textcnn data=sst2": Row(add=CLS_STEPS, offline="sst2"),
     "lmlab-train hparams_search=cls_optuna data=sst2": Row(add=f"{CLS_STEPS} {TRIALS}", offline="sst2"),
     "lmlab-train hparams_search=cls_random model=textcnn data=sst2": Row(add=f"{CLS_STEPS} {TRIALS}", offline="sst2"),
+    # docs/sweeps.md::Translation models
     "lmlab-train hparams_search=mt_optuna experiment=mt/multi30k_transformer": Row(
         add=f"{MT_STEPS} {SMALL_TRANSFORMER} {TRIALS}", offline="multi30k"
     ),
-    # On SLURM, or as separate local processes
+    # docs/sweeps.md::On SLURM, or as separate local processes
     "lmlab-train -m hydra/launcher=local optimizer.lr=1e-3,3e-3": Row(add=STEPS),
     "lmlab-train -m hydra/launcher=slurm hydra.launcher.partition=gpu trainer=ddp trainer.devices=4 "
     "trainer.num_nodes=2 optimizer.lr=1e-4,3e-4": Row(
         skip="needs a SLURM cluster (tests/test_launcher.py checks its job script)"
     ),
-    # Weights & Biases
+    # docs/logging.md::Weights & Biases
     "lmlab-train logger=wandb": Row(
         skip="logs in to W&B: needs an account and the network (the next command is its offline form)"
     ),
@@ -183,29 +219,19 @@ ROWS: dict[str, Row] = {
     "wandb sync logs/train/runs/<run>/wandb/offline-run-*": Row(
         skip="uploads to W&B: needs an account and the network"
     ),
-    # Resume
-    "lmlab-train ckpt_path=last": Row(add=STEPS.replace("max_steps=4", "max_steps=6")),
-    "lmlab-train ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt": Row(
-        add=STEPS.replace("max_steps=4", "max_steps=8")
-    ),
-    # Multi-GPU and precision
-    "lmlab-train trainer=gpu trainer.precision=bf16-mixed compile=true": Row(add=STEPS, gpus=1),
-    "lmlab-train trainer=ddp trainer.devices=4": Row(add=STEPS, gpus=4),
-    "lmlab-train trainer=fsdp trainer.devices=8 trainer.num_nodes=2": Row(
-        skip="needs two nodes of eight GPUs each", gpus=16
-    ),
-    "lmlab-train trainer=ddp trainer.accelerator=cpu trainer.devices=2": Row(add=STEPS),
 }
 
 # -- what a section needs before its first command --------------------------------------------------------
 
 #: a run for sections whose first command resumes or reads a checkpoint that another section made
-BEFORE = {"Resume": f"lmlab-train {STEPS}"}
+BEFORE = {"docs/training.md::Resume": f"lmlab-train {STEPS}"}
 
 
 def _shared_rows(name: str, columns: list[str], rows: int) -> list[dict[str, str]]:
     import pyarrow.parquet as pq
 
+    if not SHARED_DATA.is_dir():
+        pytest.skip("its input files are cut from ../shared/data, which is absent")
     table = pq.read_table(SHARED_DATA / name, columns=columns).slice(0, rows)
     return table.to_pylist()
 
@@ -227,43 +253,89 @@ def _write_table(path: Path, records: list[dict]) -> None:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
-def write_inputs(section: str, cwd: Path) -> None:
-    """The files the section's commands name, as a user would have them."""
-    if section == "Llama-style decoders, pretrained causal LMs and Hugging Face export":
-        _write_table(cwd / "pairs.jsonl", [{"prompt": p, "response": r} for p, r in EXCHANGES.items()] * 20)
-        text = [r["text"] for r in _shared_rows("wikitext-2/train.parquet", ["text"], 400)]
-        (cwd / "other.txt").write_text("".join(text), encoding="utf-8")
-    elif section == "Entry points":
-        (cwd / "prompt.txt").write_text("def f(x):\n    return {'é': (x, \"a, b\")}\n", encoding="utf-8")
-    elif section == "Data":
-        text = [r["text"] for r in _shared_rows("wikitext-2/train.parquet", ["text"], 3000)]
-        (cwd / "corpus").mkdir()
-        for i in range(3):
-            (cwd / "corpus" / f"part{i}.txt").write_text("".join(text[i * 1000 : (i + 1) * 1000]), encoding="utf-8")
-        _write_table(cwd / "train.jsonl", [{"body": t} for t in text[:2500]])
-        _write_table(cwd / "valid.jsonl", [{"body": t} for t in text[2500:]])
-        for split in ("train", "validation", "test"):
-            _write_table(cwd / f"{split}.parquet", _shared_rows(f"wikitext-2/{split}.parquet", ["text"], 1000))
-    elif section == "Corpora larger than memory":
-        text = [r["text"] for r in _shared_rows("wikitext-2/train.parquet", ["text"], 4000)]
-        for i in range(4):
-            folder = cwd / "corpus" / f"part{i % 2}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{i}.txt").write_text("".join(text[i * 1000 : (i + 1) * 1000]), encoding="utf-8")
-    elif section == "Text classification":
-        rows = _shared_rows("imdb/train.parquet", ["text", "label"], 25000)[::50]
-        named = [{"review": r["text"], "sentiment": ["negative", "positive"][r["label"]]} for r in rows]
-        _write_table(cwd / "train.csv", named[:400])
-        _write_table(cwd / "test.csv", named[400:])
-        (cwd / "reviews.txt").write_text("".join(r["review"][:300] + "\n" for r in named[:5]), encoding="utf-8")
-    elif section == "Translation":
-        pairs = _shared_rows("multi30k/train.parquet", ["de", "en"], 1200)
-        _write_table(cwd / "train.parquet", pairs[:1000])
-        _write_table(cwd / "valid.parquet", pairs[1000:1100])
-        _write_table(cwd / "test.parquet", pairs[1100:])
-        for lang in ("de", "en"):
-            (cwd / f"train.{lang}").write_text("".join(p[lang] + "\n" for p in pairs[:1000]), encoding="utf-8")
-        (cwd / "test.de").write_text("".join(p["de"] + "\n" for p in pairs[1100:1110]), encoding="utf-8")
+def _wikitext(rows: int, split: str = "train") -> list[str]:
+    return [r["text"] for r in _shared_rows(f"wikitext-2/{split}.parquet", ["text"], rows)]
+
+
+def _prompt_file(cwd: Path) -> None:
+    (cwd / "prompt.txt").write_text("def f(x):\n    return {'é': (x, \"a, b\")}\n", encoding="utf-8")
+
+
+def _other_text(cwd: Path) -> None:
+    (cwd / "other.txt").write_text("".join(_wikitext(400)), encoding="utf-8")
+
+
+def _instruction_pairs(cwd: Path) -> None:
+    _write_table(cwd / "pairs.jsonl", [{"prompt": p, "response": r} for p, r in EXCHANGES.items()] * 20)
+
+
+def _text_files(cwd: Path) -> None:
+    text = _wikitext(3000)
+    (cwd / "corpus").mkdir()
+    for i in range(3):
+        (cwd / "corpus" / f"part{i}.txt").write_text("".join(text[i * 1000 : (i + 1) * 1000]), encoding="utf-8")
+    _write_table(cwd / "train.jsonl", [{"body": t} for t in text[:2500]])
+    _write_table(cwd / "valid.jsonl", [{"body": t} for t in text[2500:]])
+
+
+def _hub_split_copies(cwd: Path) -> None:
+    for split in ("train", "validation", "test"):
+        _write_table(cwd / f"{split}.parquet", [{"text": t} for t in _wikitext(1000, split)])
+
+
+def _corpus_folders(cwd: Path) -> None:
+    text = _wikitext(4000)
+    for i in range(4):
+        folder = cwd / "corpus" / f"part{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.txt").write_text("".join(text[i * 1000 : (i + 1) * 1000]), encoding="utf-8")
+
+
+def _reviews() -> list[dict[str, str]]:
+    rows = _shared_rows("imdb/train.parquet", ["text", "label"], 25000)[::50]
+    return [{"review": r["text"], "sentiment": ["negative", "positive"][r["label"]]} for r in rows]
+
+
+def _reviews_to_predict(cwd: Path) -> None:
+    (cwd / "reviews.txt").write_text("".join(r["review"][:300] + "\n" for r in _reviews()[:5]), encoding="utf-8")
+
+
+def _labeled_tables(cwd: Path) -> None:
+    named = _reviews()
+    _write_table(cwd / "train.csv", named[:400])
+    _write_table(cwd / "test.csv", named[400:])
+
+
+def _pairs() -> list[dict[str, str]]:
+    return _shared_rows("multi30k/train.parquet", ["de", "en"], 1200)
+
+
+def _sources_to_translate(cwd: Path) -> None:
+    (cwd / "test.de").write_text("".join(p["de"] + "\n" for p in _pairs()[1100:1110]), encoding="utf-8")
+
+
+def _parallel_files(cwd: Path) -> None:
+    pairs = _pairs()
+    _write_table(cwd / "train.parquet", pairs[:1000])
+    _write_table(cwd / "valid.parquet", pairs[1000:1100])
+    _write_table(cwd / "test.parquet", pairs[1100:])
+    for lang in ("de", "en"):
+        (cwd / f"train.{lang}").write_text("".join(p[lang] + "\n" for p in pairs[:1000]), encoding="utf-8")
+
+
+#: the files a section's commands name, written as a user would have them before its first command
+INPUTS: dict[str, Callable[[Path], None]] = {
+    "docs/training.md::Data": _text_files,
+    "docs/training.md::Hub data sets offline": _hub_split_copies,
+    "docs/training.md::Corpora larger than memory": _corpus_folders,
+    "docs/language-models.md::Generating text": _prompt_file,
+    "docs/language-models.md::Llama-style decoders, export and chat": _other_text,
+    "docs/language-models.md::Instruction tuning": _instruction_pairs,
+    "docs/classification.md::Train and predict": _reviews_to_predict,
+    "docs/classification.md::Models and data": _labeled_tables,
+    "docs/translation.md::Train, translate, average": _sources_to_translate,
+    "docs/translation.md::Data": _parallel_files,
+}
 
 
 # -- running a section ------------------------------------------------------------------------------------
@@ -271,7 +343,7 @@ def write_inputs(section: str, cwd: Path) -> None:
 
 def _newest(cwd: Path, pattern: str) -> str:
     found = sorted(cwd.glob(pattern), key=lambda p: p.stat().st_mtime)
-    assert found, f"nothing in {cwd} matches {pattern} for the README's placeholder"
+    assert found, f"nothing in {cwd} matches {pattern} for the placeholder"
     return found[-1].name
 
 
@@ -285,9 +357,22 @@ def fill_placeholders(command: str, cwd: Path, previous_ckpt: str | None) -> str
     return command
 
 
-def with_additions(command: str, row: Row) -> str:
+#: the rows of each split of a hub data set that its offline form reads: its format, not its size, is under test
+#: (WikiText lines are short, many empty: enough for a validation block of 1024 tokens)
+OFFLINE_ROWS = {"wikitext-2": 12000, "imdb": 2000, "sst2": 2000, "multi30k": 2000}
+
+
+@pytest.fixture(scope="session")
+def offline_copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Slices of the shared copies of the hub data sets, in their layout, written once per test run."""
+    if not SHARED_DATA.is_dir():
+        return SHARED_DATA  # the rows that read it are skipped
+    return built_once(tmp_path_factory, "offline_copies", lambda root: write_slices(root, OFFLINE_ROWS))
+
+
+def with_additions(command: str, row: Row, offline_root: Path) -> str:
     """The row's additions go after the lmlab command's own arguments (before a redirection)."""
-    additions = " ".join(filter(None, [row.add, _offline(row.offline) if row.offline else ""]))
+    additions = " ".join(filter(None, [row.add, _offline(row.offline, offline_root) if row.offline else ""]))
     if not additions:
         return command
     head, redirect, tail = command.partition(" > ")
@@ -336,23 +421,31 @@ def _cannot_run(row: Row) -> str | None:
     return None
 
 
-def test_every_readme_command_has_one_row() -> None:
-    commands = [c for section in SECTIONS.values() for c in section]
+def documented_commands() -> list[tuple[str, str]]:
+    """(section, command) for every command of a bash block, in the order of the docs."""
+    return [(section, command) for section, commands in SECTIONS.items() for command in commands]
+
+
+def test_every_documented_command_has_one_row() -> None:
+    commands = [command for _, command in documented_commands()]
     missing = [c for c in commands if c not in ROWS]
     stale = [c for c in ROWS if c not in commands]
-    assert not missing, f"README commands without a row in ROWS: {missing}"
-    assert not stale, f"rows for commands the README no longer has: {stale}"
-    assert len(commands) == len(set(commands)), "a README command appears twice"
+    assert not missing, f"documented commands without a row in ROWS: {missing}"
+    assert not stale, f"rows for commands that neither the README nor docs/ has any more: {stale}"
+    twice = {c for c in commands if commands.count(c) > 1}
+    assert not twice, f"a documented command appears twice: {twice}"
 
 
 #: a word the shell hands an lmlab command as a Hydra override: ``key=value``, ``+key=value``, ``group/option=x``
 OVERRIDE = re.compile(r"[+~]{0,2}[A-Za-z_][\w./@-]*=")
 #: what ends the words of one command in a command line
 SHELL_OPERATORS = {"|", "||", "&", "&&", ";", ">", ">>", "<", "2>", "(", ")"}
+#: a value the docs ask a reader to fill in (``<run>``, ``model=<name>``), not text to paste
+PLACEHOLDER = re.compile(r"<([A-Za-z_][\w-]*)>")
 
 
-def readme_prose_commands(text: str) -> list[str]:
-    """The commands the README's prose shows in inline code (`lmlab-train ... key=value`, a span wrapped over
+def prose_commands(text: str) -> list[str]:
+    """The commands a page's prose shows in inline code (`lmlab-train ... key=value`, a span wrapped over
     lines joined): a reader pastes them as they are."""
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     spans = (" ".join(match.group(1).split()) for match in re.finditer(r"`([^`]+)`", prose))
@@ -375,27 +468,31 @@ def lmlab_overrides(command: str) -> list[str]:
     return words
 
 
-def test_every_readme_command_reads_as_bash_and_hydra_read_it() -> None:
-    """What a reader pastes into bash: bash parses every command (an unquoted ``<|`` is a stray redirection and
-    pipe), and every override it hands an lmlab command parses in Hydra's grammar (``'<|endoftext|>'`` loses its
-    quotes to the shell; Hydra needs them, so the README quotes the whole override again)."""
+def test_every_documented_command_reads_as_bash_and_hydra_read_it() -> None:
+    """What a reader pastes into bash, from the README or a page of docs/, its placeholders filled in: bash
+    parses every command (an unquoted ``<|`` is a stray redirection and pipe), and every override it hands an
+    lmlab command parses in Hydra's grammar (``'<|endoftext|>'`` loses its quotes to the shell; Hydra needs
+    them, so the docs quote the whole override again)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    text = README.read_text(encoding="utf-8")
-    commands = [c for section in SECTIONS.values() for c in section] + readme_prose_commands(text)
-    assert "lmlab-export ckpt_path=... out=DIR" in commands, "inline commands are read too"
-    syntax = subprocess.run(["bash", "-n"], input="\n".join(commands) + "\n", capture_output=True, text=True)
+    commands = documented_commands()
+    for path in DOCS:
+        commands += [(doc_name(path), c) for c in prose_commands(path.read_text(encoding="utf-8"))]
+    assert ("README.md", "lmlab-export ckpt_path=... out=DIR") in commands, "inline commands are read too"
+    assert any(where.startswith("docs/") for where, _ in commands), "the pages of docs/ are read too"
+    pasted = [(where, PLACEHOLDER.sub(r"\1", command)) for where, command in commands]
+    syntax = subprocess.run(["bash", "-n"], input="".join(c + "\n" for _, c in pasted), capture_output=True, text=True)
     line = re.search(r"line (\d+):", syntax.stderr)
-    shown = commands[int(line.group(1)) - 1] if line else ""
-    assert syntax.returncode == 0, f"bash cannot parse the README's `{shown}`: {syntax.stderr.strip()}"
+    where, shown = pasted[int(line.group(1)) - 1] if line else ("the docs", "")
+    assert syntax.returncode == 0, f"bash cannot parse {where}'s `{shown}`: {syntax.stderr.strip()}"
     parser = OverridesParser.create()
-    for command in commands:
+    for where, command in pasted:
         for word in lmlab_overrides(command):
             try:
                 parser.parse_overrides([word])
             except Exception as err:  # Hydra's parser raises its own exception types
                 reason = str(err).splitlines()[0]
-                pytest.fail(f"the README's `{command}` hands Hydra `{word}`, which it cannot parse ({reason})")
+                pytest.fail(f"{where}'s `{command}` hands Hydra `{word}`, which it cannot parse ({reason})")
 
 
 def test_rows_add_only_limits_and_offline_data() -> None:
@@ -410,10 +507,9 @@ def test_rows_add_only_limits_and_offline_data() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("section", list(SECTIONS))
-def test_readme_section_runs_as_written(section: str, tmp_path: Path) -> None:
-    if section in ("Data", "Text classification", "Translation") and not SHARED_DATA.is_dir():
-        pytest.skip("its input files are cut from ../shared/data, which is absent")
-    write_inputs(section, tmp_path)
+def test_docs_section_runs_as_written(section: str, tmp_path: Path, offline_copies: Path) -> None:
+    if section in INPUTS:
+        INPUTS[section](tmp_path)
     if section in BEFORE:
         run_command(BEFORE[section], tmp_path)
     previous_ckpt, skipped = None, []
@@ -424,7 +520,7 @@ def test_readme_section_runs_as_written(section: str, tmp_path: Path) -> None:
             skipped.append(f"{command}: {reason}")
             continue
         typed = _without_install(command) if command.startswith("pip install") else command
-        typed = with_additions(fill_placeholders(typed, tmp_path, previous_ckpt), row)
+        typed = with_additions(fill_placeholders(typed, tmp_path, previous_ckpt), row, offline_copies)
         started = time.time()
         done = run_command(typed, tmp_path)
         previous_ckpt = re.search(r"ckpt_path=(\S+)", typed).group(1) if "ckpt_path=" in typed else previous_ckpt
@@ -434,7 +530,7 @@ def test_readme_section_runs_as_written(section: str, tmp_path: Path) -> None:
 
 
 def check_outcome(typed: str, done: subprocess.CompletedProcess, cwd: Path, started: float) -> None:
-    """What the README says each kind of command leaves behind."""
+    """What the docs say each kind of command leaves behind."""
     if "lmlab-train" in typed:  # a run (or every job of a sweep) saved its last checkpoint just now
         saved = [p for p in cwd.glob("logs/**/checkpoints/last.ckpt") if p.stat().st_mtime >= started]
         assert saved, f"{typed}: no checkpoint saved"

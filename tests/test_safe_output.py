@@ -23,9 +23,12 @@ import torch
 
 from conftest import QUIET, Command, compose_cfg, script
 from lmlab import average
-from lmlab.checkpoint import load_language_model
 from lmlab.errors import ConfigError, DiskFullError
-from lmlab.safe_output import MARKER, check_folder, temporary_name
+from lmlab.run.checkpoint import load_language_model
+from lmlab.run.safe_output import MARKER, check_folder, temporary_name
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("safe_output")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 #: a character GPT with a context of 32 tokens (data.block_size), whose parts export as GPT-2
@@ -44,7 +47,7 @@ needs_dev_full = pytest.mark.skipif(not FULL.exists(), reason="no /dev/full to m
 FULL_DISK_TRAINING = """
 import sys, warnings
 from pathlib import Path
-from lmlab.safe_output import temporary_name
+from lmlab.run.safe_output import temporary_name
 folder = Path("run/checkpoints")
 folder.mkdir(parents=True)
 temporary_name(folder / "step_000004.ckpt").symlink_to("/dev/full")

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lmlab.errors import ConfigError
-from lmlab.schedulers import WarmupThenDecay
+from lmlab.training.schedulers import WarmupThenDecay
 
 
 def test_warmup_rises_linearly_to_the_full_rate() -> None:

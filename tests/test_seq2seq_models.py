@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import toy_seq2seq_folder
-from lmlab.decoding import select_rows
 from lmlab.errors import ConfigError
+from lmlab.inference.decoding import select_rows
 from lmlab.models.seq2seq import PretrainedSeq2Seq, RecurrentSeq2Seq, Seq2SeqNetwork, TransformerSeq2Seq
 
 V, PAD, EOS = 12, 0, 1  # ids 2 .. 11 are the tokens to reverse; the end token doubles as the begin token
@@ -236,6 +236,7 @@ LEARNERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LEARNERS))
 def test_network_learns_to_reverse_sequences(name: str) -> None:
     build, steps, lr = LEARNERS[name]

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import QUIET, Command, script
-from lmlab import signatures
-from lmlab.values import describe_spec, spec_matches, type_spec
+from lmlab.config import signatures
+from lmlab.config.values import describe_spec, spec_matches, type_spec
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("startup_checks")
 
 #: mistakes each command can only have been told about by its config
 MISTAKES = {

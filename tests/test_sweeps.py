@@ -1,5 +1,5 @@
 """Hydra multiruns: a grid sweep and an Optuna search from the command line, each job in its own folder
-of the sweep folder, and the ranked ``summary.csv`` that :mod:`lmlab.sweep` writes after the sweep."""
+of the sweep folder, and the ranked ``summary.csv`` that :mod:`lmlab.run.sweep` writes after the sweep."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from lmlab.sweep import collect_runs, write_summary
+from lmlab.run.sweep import collect_runs, write_summary
+
+pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 300
 

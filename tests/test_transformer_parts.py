@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from lmlab.config import config_dir, validate_config
+from lmlab.config.schema import config_dir, validate_config
 from lmlab.errors import ConfigError
-from lmlab.generation import generate
+from lmlab.inference.generation import generate
 from lmlab.models import GPT, TransformerClassifier
 from lmlab.models.attention import CrossAttention, SelfAttention
 from lmlab.models.mlp import GeluMLP, SwiGLU, mlp_hidden_size
@@ -28,7 +28,7 @@ from lmlab.models.norms import make_norm
 from lmlab.models.positions import RotaryEmbedding
 from lmlab.models.seq2seq import TransformerSeq2Seq
 from lmlab.models.transformer import BlockSpec
-from lmlab.runtime import build_network
+from lmlab.run.runtime import build_network
 
 VOCAB, N_HEAD, N_EMBD = 23, 4, 32
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"

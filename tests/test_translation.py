@@ -21,12 +21,15 @@ from conftest import (
     write_pair_splits,
     write_pairs,
 )
-from lmlab.checkpoint import average_checkpoints, load_task
 from lmlab.errors import CheckpointMismatchError, ConfigError
 from lmlab.evaluate import evaluate
+from lmlab.run.checkpoint import average_checkpoints, load_task
 from lmlab.tasks.translation import Decoding
 from lmlab.train import train
 from lmlab.translate import translate
+
+# one worker runs this module's tests, which share its trained fixtures
+pytestmark = pytest.mark.xdist_group("translation")
 
 TINY_TRANSFORMER = [
     "model=transformer_seq2seq",
@@ -165,6 +168,7 @@ def _pretrained_overrides(pairs: Path, *extra: str) -> list[str]:
     return [*own_tokenizer, *pretrained_seq2seq_overrides(), *extra]
 
 
+@pytest.mark.slow
 def test_pretrained_seq2seq_fine_tunes_from_a_local_folder(
     make_cfg, pairs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

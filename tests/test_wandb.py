@@ -21,9 +21,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import FAST
-from lmlab.config import config_dir
-from lmlab.loggers import run_name_and_group
+from lmlab.config.schema import config_dir
 from lmlab.train import train
+from lmlab.training.loggers import run_name_and_group
 
 pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -205,6 +205,7 @@ def _check_tensorboard(folder: Path, metrics: dict[str, float], best: float) -> 
     assert [event.step for event in events.Histograms("gradients/net.wte.weight")] == [1, 3, 5]
 
 
+@pytest.mark.slow
 def test_multirun_jobs_get_own_runs_named_and_grouped_by_the_sweep(learnable_text: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "my_sweep"
     args = [

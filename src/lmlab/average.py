@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from lmlab.checkpoint import average_checkpoints
-from lmlab.checkpoint_io import write_atomically
-from lmlab.runtime import user_errors
-from lmlab.safe_output import check_file
+from lmlab.run.checkpoint import average_checkpoints
+from lmlab.run.checkpoint_io import write_atomically
+from lmlab.run.runtime import user_errors
+from lmlab.run.safe_output import check_file
 
 #: the key of a checkpoint's ``lmlab`` section that lists the checkpoints it is the average of
 AVERAGED_FROM = "averaged_from"

@@ -1,7 +1,7 @@
 """``lmlab-chat ckpt_path=...``: talk to a language model in the terminal.
 
 Each line typed is a message; the reply streams as it is sampled. The conversation is written for the model
-as :mod:`lmlab.chat_format` says: the tokenizer's chat template, when a pretrained tokenizer brought one and
+as :mod:`lmlab.data.chat_format` says: the tokenizer's chat template, when a pretrained tokenizer brought one and
 ``template=auto``, else the plain ``User: <message>`` / ``Assistant: <reply>`` lines (the prefixes are
 ``user_prefix`` and ``assistant_prefix``), the format instruction tuning trains on. A reply ends at the
 model's end-of-text token, or where the format ends a reply (the next user turn, the template's end-of-turn
@@ -21,14 +21,14 @@ from typing import Any, TextIO
 import torch
 from omegaconf import DictConfig
 
-from lmlab.chat_format import ChatFormat, RenderLimits
-from lmlab.checkpoint import load_language_model
-from lmlab.config import check_devices, validate_config
+from lmlab.config.schema import check_devices, validate_config
+from lmlab.data.chat_format import ChatFormat, RenderLimits
 from lmlab.errors import ConfigError
-from lmlab.generation import generate
-from lmlab.language_model import LanguageModel
-from lmlab.runtime import user_errors
-from lmlab.textio import read_input_text
+from lmlab.inference.generation import generate
+from lmlab.inference.inputs import read_input_text
+from lmlab.inference.language_model import LanguageModel
+from lmlab.run.checkpoint import load_language_model
+from lmlab.run.runtime import user_errors
 
 log = logging.getLogger("lmlab")
 

@@ -29,7 +29,7 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from lmlab.config import TrainSchema, config_dir
+from lmlab.config.schema import TrainSchema, config_dir
 from lmlab.errors import LmlabError
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def lmlab_main(
     ``overlays`` names groups whose keys may be set without choosing an option (``lmlab-eval`` takes
     ``data.source.test_files=...`` on top of the checkpoint's own data settings): unless the group is
     chosen, such overrides are passed to Hydra as ``++key=value``, which adds the key. ``continues_runs``: a
-    ``ckpt_path`` of a run continues that run, in its folder and with its config (:mod:`lmlab.runs`).
+    ``ckpt_path`` of a run continues that run, in its folder and with its config (:mod:`lmlab.run.continuation`).
     """
 
     def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
@@ -91,7 +91,7 @@ def _continue_the_run(args: list[str], config_name: str) -> list[str]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lmlab import runs
+    from lmlab.run import continuation
 
     def composed(overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
@@ -99,7 +99,7 @@ def _continue_the_run(args: list[str], config_name: str) -> list[str]:
             return compose(config_name=config_name, overrides=overrides)
 
     try:
-        return runs.continue_the_run(args, composed)
+        return continuation.continue_the_run(args, composed)
     except (HydraException, OmegaConfBaseException):
         return args
     finally:
@@ -133,7 +133,7 @@ def _complete_what_users_pick() -> None:
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.object_type import ObjectType
 
-    from lmlab.config import BASE_FOLDER, is_base
+    from lmlab.config.schema import BASE_FOLDER, is_base
 
     list_options = ConfigLoaderImpl.get_group_options
 
@@ -165,7 +165,7 @@ def _models_of_the_task(
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from lmlab.config import task_models
+    from lmlab.config.schema import task_models
 
     try:
         # a sweep's values do not change its task: compose the line without them
@@ -236,7 +236,7 @@ def _missing_option(err: MissingConfigException) -> str:
     """``model=gtp``, ``experiment=shakespeare_char``: the option does not exist. Name the closest options (an
     option in a folder of the group by its own name too: ``lm/shakespeare_char``) and list them all, without
     Hydra's search path."""
-    from lmlab.config import group_options
+    from lmlab.config.schema import group_options
 
     missing = str(err.missing_cfg_file)
     typed = [arg.lstrip("+~").split("=", 1)[0] for arg in sys.argv[1:] if "=" in arg]
@@ -315,12 +315,12 @@ def _console(
     continues_runs: bool = False,
 ) -> Callable[[], Any]:
     """The console script of ``module``'s ``run(cfg)``, imported when the run starts, once the config passed the
-    checks that need no heavy import (:mod:`lmlab.prechecks`; ``schema``: the top-level keys the command takes,
+    checks that need no heavy import (:mod:`lmlab.config.prechecks`; ``schema``: the top-level keys the command takes,
     ``reads_data``: the command reads every data file the config names)."""
 
     def run(cfg: DictConfig) -> Any:
-        from lmlab.prechecks import check_before_imports
-        from lmlab.runtime import user_errors
+        from lmlab.config.prechecks import check_before_imports
+        from lmlab.run.runtime import user_errors
 
         with _run_folder_kept_only_if_used():
             with user_errors():
@@ -355,7 +355,7 @@ def _clean_up_failed_run(err: BaseException) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from lmlab.runtime import UserErrorExit
+    from lmlab.run.runtime import UserErrorExit
 
     if not HydraConfig.initialized() or os.environ.get("LOCAL_RANK", "0") != "0":
         return

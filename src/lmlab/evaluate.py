@@ -22,10 +22,11 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lmlab.checkpoint import check_matches, load_task
-from lmlab.config import accepted_keys, check_devices, locate, validate_config
+from lmlab.config.schema import check_devices, validate_config
+from lmlab.config.signatures import accepted_keys, locate
 from lmlab.errors import CheckpointMismatchError, ConfigError, DataError
-from lmlab.runtime import instantiate, quiet_console, to_plain, user_errors
+from lmlab.run.checkpoint import check_matches, load_task
+from lmlab.run.runtime import instantiate, quiet_console, to_plain, user_errors
 from lmlab.tasks.base import TaskModule
 
 log = logging.getLogger("lmlab")

@@ -30,9 +30,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from lmlab.chat_format import ChatFormat
-from lmlab.checkpoint import load_language_model
-from lmlab.config import validate_config
+from lmlab.config.schema import validate_config
+from lmlab.data.chat_format import ChatFormat
 from lmlab.errors import ChatTemplateError, ConfigError, ExportError
 from lmlab.models.classifiers import HFEncoderClassifier
 from lmlab.models.gpt import GPT
@@ -40,8 +39,9 @@ from lmlab.models.hf_causal_lm import PretrainedCausalLM
 from lmlab.models.lora import merged
 from lmlab.models.mlp import SwiGLU
 from lmlab.models.seq2seq import PretrainedSeq2Seq
-from lmlab.runtime import user_errors
-from lmlab.safe_output import check_folder, replacing_folder
+from lmlab.run.checkpoint import load_language_model
+from lmlab.run.runtime import user_errors
+from lmlab.run.safe_output import check_folder, replacing_folder
 from lmlab.tokenizers import CharTokenizer, HFTokenizer, Tokenizer
 
 log = logging.getLogger("lmlab")
@@ -257,7 +257,7 @@ def _tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
 
 def checked_chat_template(tokenizer: Tokenizer) -> str | None:
     """The tokenizer's chat template, if any, once it compiles in Jinja's sandbox and writes a short conversation
-    within the render limits (:meth:`lmlab.chat_format.ChatFormat.check`); a :class:`ChatTemplateError` otherwise.
+    within the render limits (:meth:`lmlab.data.chat_format.ChatFormat.check`); a :class:`ChatTemplateError` otherwise.
 
     Such a template is refused, and the export writes nothing, rather than copied with a warning: the folder is
     made to be loaded elsewhere, by people who never see this run's log, and ``apply_chat_template`` renders a

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from lmlab.checkpoint import check_matches, load_language_model
-from lmlab.config import check_devices, validate_config
+from lmlab.config.schema import check_devices, validate_config
 from lmlab.errors import ConfigError
-from lmlab.runtime import to_plain, user_errors
-from lmlab.textio import read_input_text
+from lmlab.inference.inputs import read_input_text
+from lmlab.run.checkpoint import check_matches, load_language_model
+from lmlab.run.runtime import to_plain, user_errors
 
 
 def prompt_text(cfg: DictConfig) -> str:

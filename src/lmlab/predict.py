@@ -23,12 +23,12 @@ from typing import Any, TextIO
 import torch
 from omegaconf import DictConfig
 
-from lmlab.checkpoint import load_language_model
-from lmlab.config import check_devices, validate_config
+from lmlab.config.schema import check_devices, validate_config
 from lmlab.errors import ConfigError
-from lmlab.runtime import user_errors
-from lmlab.safe_output import check_output, open_output
-from lmlab.textio import read_input_lines
+from lmlab.inference.inputs import read_input_lines
+from lmlab.run.checkpoint import load_language_model
+from lmlab.run.runtime import user_errors
+from lmlab.run.safe_output import check_output, open_output
 
 log = logging.getLogger("lmlab")
 

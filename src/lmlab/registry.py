@@ -8,6 +8,9 @@ before any object is created or any module outside lmlab is imported.
 The list holds the objects registered with :func:`register`: lmlab's own networks, data modules,
 data sources, tokenizer builders and tasks, and those of plugins (a package that declares a module
 in the ``lmlab.plugins`` entry-point group, whose import registers its classes).
+
+A target that lmlab moved keeps loading under its old name: :data:`RENAMED` maps it to where it is now, and the
+configs a checkpoint stores are read through that table before anything is checked or built.
 """
 
 from __future__ import annotations
@@ -28,6 +31,25 @@ KINDS = {
     "source": "data source",
     "tokenizer": "tokenizer builder",
     "task": "task",
+}
+
+#: targets that moved, old dotted path -> new. A key is a module whose objects all moved with it, or one object;
+#: the longest key that a target is, or starts with up to a dot, applies (:func:`current`). Configs stored before a
+#: move (a checkpoint's, a run folder's) name the old path. Entries are only ever added, so that a checkpoint of any
+#: earlier version loads; each module or object that a config names and that moves gets one.
+RENAMED = {
+    # lmlab's top-level modules, grouped into config/, run/, training/, inference/ and evaluation/
+    "lmlab.callbacks": "lmlab.training.callbacks",
+    "lmlab.checkpoint.checkpoint_tokenizer": "lmlab.run.from_checkpoint.checkpoint_tokenizer",
+    "lmlab.checkpoint_io": "lmlab.run.checkpoint_io",
+    "lmlab.distributed": "lmlab.run.distributed",
+    "lmlab.loggers": "lmlab.training.loggers",
+    "lmlab.models.CheckpointLM": "lmlab.run.from_checkpoint.CheckpointLM",
+    "lmlab.models.from_checkpoint": "lmlab.run.from_checkpoint",
+    "lmlab.monitoring": "lmlab.training.monitoring",
+    "lmlab.progress": "lmlab.training.progress",
+    "lmlab.schedulers": "lmlab.training.schedulers",
+    "lmlab.sweep": "lmlab.run.sweep",
 }
 
 _registered: dict[str, list[Any]] = {kind: [] for kind in KINDS}
@@ -59,6 +81,29 @@ def register_name(target: str, kind: str) -> str:
         raise ValueError(f"unknown registry kind {kind!r}; one of {', '.join(KINDS)}")
     _named[target] = kind
     return target
+
+
+def current(target: str) -> str:
+    """Where the dotted path ``target`` is now, after the moves in :data:`RENAMED` (``target`` if it did not move)."""
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        moved = RENAMED.get(".".join(parts[:cut]))
+        if moved is not None:
+            return ".".join([moved, *parts[cut:]])
+    return target
+
+
+def with_current_targets(node: Any) -> Any:
+    """A stored config (plain dicts and lists) with every ``_target_`` where it is now (:func:`current`)."""
+    if isinstance(node, dict):
+        return {
+            key: current(value) if key == "_target_" and isinstance(value, str) else with_current_targets(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list | tuple):
+        items = [with_current_targets(item) for item in node]
+        return items if isinstance(node, list) else tuple(items)
+    return node
 
 
 def registered(kind: str) -> tuple[Any, ...]:

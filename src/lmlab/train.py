@@ -16,16 +16,15 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from lmlab import runs
-from lmlab.callbacks import InterruptCheckpoint
-from lmlab.checkpoint import check_matches, read_checkpoint
-from lmlab.checkpoint_io import remove_stale_temporaries
-from lmlab.config import check_devices, locate, validate_config
-from lmlab.distributed import end_job
+from lmlab.config.schema import check_devices, validate_config
+from lmlab.config.signatures import locate
 from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, RunInterrupted
-from lmlab.loggers import continued_loggers, log_final_metrics, log_run_config
 from lmlab.models.lora import parameter_counts
-from lmlab.preemption import (
+from lmlab.run import continuation
+from lmlab.run.checkpoint import check_matches, read_checkpoint
+from lmlab.run.checkpoint_io import remove_stale_temporaries
+from lmlab.run.distributed import end_job
+from lmlab.run.preemption import (
     StopSignals,
     is_requeued_slurm_job,
     mark_slurm_run,
@@ -35,9 +34,11 @@ from lmlab.preemption import (
     slurm_job_id,
     slurm_runs,
 )
-from lmlab.runtime import instantiate, instantiate_dict, print_config, quiet_console, to_plain, user_errors
+from lmlab.run.runtime import instantiate, instantiate_dict, print_config, quiet_console, to_plain, user_errors
 from lmlab.tasks.base import TaskModule
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
+from lmlab.training.callbacks import InterruptCheckpoint
+from lmlab.training.loggers import continued_loggers, log_final_metrics, log_run_config
 
 log = logging.getLogger("lmlab")
 
@@ -60,7 +61,7 @@ def resume_point(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
     if not value and is_requeued_slurm_job():
         folders = slurm_runs(root)
         point = _newest_loadable(
-            [p for folder in folders for p in runs.checkpoints_under(folder)], f"SLURM job {slurm_job_id()}"
+            [p for folder in folders for p in continuation.checkpoints_under(folder)], f"SLURM job {slurm_job_id()}"
         )
         if point:
             log.info("Requeued SLURM job %s: resuming from %s", slurm_job_id(), point[0])
@@ -68,7 +69,7 @@ def resume_point(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
     if not value:
         return None
     if value == "last":
-        found = runs.checkpoints_under(root)
+        found = continuation.checkpoints_under(root)
         point = _newest_loadable(found, "ckpt_path=last")
         if point is None:
             what = "no checkpoint that loads" if found else "no last.ckpt, interrupted.ckpt or step_*.ckpt"
@@ -84,7 +85,7 @@ def resume_point(cfg: DictConfig) -> tuple[str, dict[str, Any]] | None:
 
 def _newest_loadable(paths: list[Path], what: str) -> tuple[str, dict[str, Any]] | None:
     skipped = []
-    for path in runs.newest_first(paths):
+    for path in continuation.newest_first(paths):
         try:
             ckpt = read_checkpoint(path)
         except CheckpointError as err:
@@ -161,8 +162,8 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.seed is not None:
         L.seed_everything(cfg.seed, workers=True)
     remove_stale_temporaries(cfg.paths.log_dir)
-    if runs.resuming is not None:
-        runs.report(runs.resuming)
+    if continuation.resuming is not None:
+        continuation.report(continuation.resuming)
     # read, and checked against the allow-list, before any data is built
     point = resume_point(cfg)
     ckpt_path = point[0] if point else None
@@ -227,7 +228,7 @@ def _fit_and_test(
 
 def _fit(cfg: DictConfig, trainer: L.Trainer, task: TaskModule, datamodule: Any, ckpt_path: str | None) -> None:
     """``trainer.fit``, stopping cleanly on Ctrl-C, SIGTERM and the SLURM requeue signal (see
-    :mod:`lmlab.preemption`)."""
+    :mod:`lmlab.run.preemption`)."""
     stop = StopSignals(requeue_signal_of(getattr(trainer.strategy, "cluster_environment", None)))
     with stop:
         try:

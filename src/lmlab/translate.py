@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from lmlab.checkpoint import load_task
-from lmlab.config import check_devices, validate_config
+from lmlab.config.schema import check_devices, validate_config
 from lmlab.errors import ConfigError
+from lmlab.inference.inputs import read_input_lines
 from lmlab.predict import task_options, write_lines
-from lmlab.runtime import user_errors
-from lmlab.safe_output import check_output, open_output
-from lmlab.textio import read_input_lines
+from lmlab.run.checkpoint import load_task
+from lmlab.run.runtime import user_errors
+from lmlab.run.safe_output import check_output, open_output
 
 DECODING_KEYS = ("batch_size", "beam_size", "length_penalty", "max_length_ratio", "max_length_offset")
 

@@ -1,7 +1,7 @@
 """Instruction-tuning data: prompt/response pairs -> one token sequence each (cached) -> padded batches whose
 loss covers the response only.
 
-Each pair is written as one exchange of :mod:`lmlab.chat_format`: the tokenizer's chat template, or the plain
+Each pair is written as one exchange of :mod:`lmlab.data.chat_format`: the tokenizer's chat template, or the plain
 ``User: ...`` / ``Assistant: ...`` lines that ``lmlab-chat`` speaks, followed by the end-of-text token (or,
 for a tokenizer without one, the start of the next user turn), so the tuned model learns to end a reply
 where ``lmlab-chat`` stops reading it. Its ids are the prompt's then the response's, encoded apart so the
@@ -27,9 +27,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lmlab.chat_format import TEMPLATES, ChatFormat, RenderLimits
 from lmlab.data.base import TokenizerBuilder
 from lmlab.data.batching import BucketBatchSampler, pad_batch
+from lmlab.data.chat_format import TEMPLATES, ChatFormat, RenderLimits
 from lmlab.data.lm import LanguageModelData
 from lmlab.data.storage import BatchedDataset, RaggedIds, save_ragged
 from lmlab.data.tables import SplitTable, TableSource
@@ -72,7 +72,7 @@ class EncodedExchanges(BatchedDataset):
 class InstructionDataModule(LanguageModelData):
     """Prompt/response pairs from a :class:`TableSource` (roles ``prompt`` and ``response``, and ``context``, an
     optional column joined to the prompt after ``context_separator``, as Alpaca's ``input``), tokenized once
-    (cached). ``template``, ``user_prefix`` and ``assistant_prefix`` choose the format (:mod:`lmlab.chat_format`);
+    (cached). ``template``, ``user_prefix`` and ``assistant_prefix`` choose the format (:mod:`lmlab.data.chat_format`);
     ``template_limits`` bound each render of a chat template."""
 
     roles = ("prompt", "response")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from lmlab.safe_output import is_disk_full, no_space_left
+from lmlab.errors import is_disk_full, no_space_left
 
 SHARDS_FILE = "shards.json"
 

@@ -142,10 +142,12 @@ class TableSource:
         """The values of a role's column; ``translation.de`` reads key ``de`` of a column of dicts (the
         layout of the WMT and IWSLT data sets on the hub)."""
         column = self.columns[role]
+        # ``table[name][:]``: the whole column as a list in one Arrow read (``table[name]`` is a lazy column,
+        # read again at every index)
         if column in table.column_names:
-            return list(table[column])
+            return table[column][:]
         head, key = column.split(".", 1)
-        rows = table[head]
+        rows = table[head][:]
         keys = sorted(rows[0]) if rows and isinstance(rows[0], dict) else []
         if key not in keys:
             raise DataError(
@@ -235,7 +237,9 @@ class HubTable(TableSource):
             where = f"{self.path}[{hub_split}]"
             self.check_columns(table.column_names, where)
             out[split] = SplitTable(
-                {r: table[c] for r, c in self.columns.items()}, where, _class_names(table.features, self.columns)
+                {r: self.column_values(table, r, where) for r in self.columns},
+                where,
+                _class_names(table.features, self.columns),
             )
         return out
 

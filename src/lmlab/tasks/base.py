@@ -17,11 +17,11 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 
 from lmlab import __version__
-from lmlab.config import locate
+from lmlab.config.signatures import locate
 from lmlab.data.info import DataInfo
 from lmlab.errors import NonFiniteLossError
 from lmlab.models.lora import check_left_out, leave_out_frozen, weights_source
-from lmlab.runtime import build_network
+from lmlab.run.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 #: the evaluation stages, as metric names start (``val/loss``, ``test/loss``)
@@ -68,7 +68,8 @@ class TaskModule(L.LightningModule):
         run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        # logger=False: lmlab.loggers logs the whole run's config, flat, once (this would add a second, nested copy)
+        # logger=False: lmlab.training.loggers logs the whole run's config, flat, once (this would add a second,
+        # nested copy)
         self.save_hyperparameters(ignore=["tokenizer_state", "run_config"], logger=False)
         self.tokenizer_state, self.run_config = tokenizer_state, run_config
         self.tokenizer: Tokenizer | None = tokenizer_from_state(tokenizer_state) if tokenizer_state else None
@@ -172,8 +173,8 @@ class TaskModule(L.LightningModule):
 
     def log_training(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         """A training step's metrics (``train/*``), kept on the device: the loggers read them every
-        ``trainer.log_every_n_steps`` steps, and so does the progress bar (:class:`lmlab.progress.ProgressBar`),
-        so no step waits for the device to report them."""
+        ``trainer.log_every_n_steps`` steps, and so does the progress bar
+        (:class:`lmlab.training.progress.ProgressBar`), so no step waits for the device to report them."""
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size)
 
     def check_finite(self, loss: torch.Tensor) -> None:

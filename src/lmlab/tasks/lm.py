@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lmlab.data.info import LMDataInfo
 from lmlab.data.instructions import NO_LOSS
-from lmlab.language_model import DATA_MODULE, NETWORK_INPUTS, LanguageModel
+from lmlab.inference.language_model import DATA_MODULE, NETWORK_INPUTS, LanguageModel
 from lmlab.registry import register
 from lmlab.tasks.base import TaskModule
 

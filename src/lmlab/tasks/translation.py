@@ -16,9 +16,9 @@ from torchmetrics import MetricCollection
 
 from lmlab.data.batching import pad_batch
 from lmlab.data.translation import PairBatch, encode_sources
-from lmlab.decoding import beam_search, greedy_decode, max_target_lengths
 from lmlab.errors import ConfigError, TokenizerError
-from lmlab.metrics import CorpusScore
+from lmlab.evaluation.metrics import CorpusScore
+from lmlab.inference.decoding import beam_search, greedy_decode, max_target_lengths
 from lmlab.registry import register
 from lmlab.tasks.base import TaskModule
 from lmlab.tokenizers import TokenizerPair

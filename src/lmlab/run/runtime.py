@@ -13,7 +13,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.config import accepted_keys, locate
+from lmlab.config.signatures import accepted_keys, locate
 from lmlab.errors import LmlabError, RunInterrupted
 
 log = logging.getLogger("lmlab")

@@ -21,7 +21,7 @@ from lmlab.errors import ConfigError
 from lmlab.tokenizers import BPE_MIN_VOCAB, WORD_MIN_VOCAB
 
 if TYPE_CHECKING:
-    from lmlab.signatures import Signature
+    from lmlab.config.signatures import Signature
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
     "lmlab.models.classifiers.BagOfNGrams": {"ngrams": POSITIVE_INT, "buckets": POSITIVE_INT, "dropout": FRACTION},
     "lmlab.models.classifiers.HFEncoderClassifier": {"dropout": FRACTION},
     "lmlab.models.hf_causal_lm.PretrainedCausalLM": {"dropout": FRACTION},
-    "lmlab.models.from_checkpoint.CheckpointLM": {"dropout": FRACTION},
+    "lmlab.run.from_checkpoint.CheckpointLM": {"dropout": FRACTION},
     "lmlab.models.seq2seq.RecurrentSeq2Seq": {
         "embedding_dim": POSITIVE_INT,
         "hidden_size": POSITIVE_INT,
@@ -183,20 +183,24 @@ TARGET_RANGES: dict[str, dict[str, Range]] = {
         "max_positions": POSITIVE_INT,
         **TRANSFORMER_PARTS,
     },
-    "lmlab.schedulers.warmup_decay": {"warmup_steps": COUNT, "min_lr_ratio": PROBABILITY, "decay_steps": POSITIVE_INT},
-    "lmlab.schedulers.plateau": {"factor": Range(gt=0, lt=1), "patience": COUNT, "min_lr": Range(ge=0)},
+    "lmlab.training.schedulers.warmup_decay": {
+        "warmup_steps": COUNT,
+        "min_lr_ratio": PROBABILITY,
+        "decay_steps": POSITIVE_INT,
+    },
+    "lmlab.training.schedulers.plateau": {"factor": Range(gt=0, lt=1), "patience": COUNT, "min_lr": Range(ge=0)},
     "lmlab.tasks.base.TaskModule": {"finite_check_every_n_steps": COUNT},
     "lmlab.tasks.classification.ClassificationTask": {"label_smoothing": FRACTION},
     "lmlab.tasks.translation.TranslationTask": {"label_smoothing": FRACTION, "decode_every_n_epochs": COUNT},
-    "lmlab.callbacks.GenerateSamples": {
+    "lmlab.training.callbacks.GenerateSamples": {
         "max_new_tokens": POSITIVE_INT,
         "temperature": Range(ge=0),
         "top_k": COUNT,
         "top_p": Range(gt=0, le=1),
     },
-    "lmlab.callbacks.PeriodicCheckpoint": {"every_minutes": Range(gt=0), "check_every_n_steps": POSITIVE_INT},
-    "lmlab.progress.TextProgress": {"every_n_steps": POSITIVE_INT, "every_seconds": Range(gt=0)},
-    "lmlab.monitoring.GradientMonitor": {"every_n_steps": POSITIVE_INT, "norm_type": Range(gt=0)},
+    "lmlab.training.callbacks.PeriodicCheckpoint": {"every_minutes": Range(gt=0), "check_every_n_steps": POSITIVE_INT},
+    "lmlab.training.progress.TextProgress": {"every_n_steps": POSITIVE_INT, "every_seconds": Range(gt=0)},
+    "lmlab.training.monitoring.GradientMonitor": {"every_n_steps": POSITIVE_INT, "norm_type": Range(gt=0)},
     "lightning.pytorch.callbacks.early_stopping.EarlyStopping": {"patience": COUNT, "min_delta": Range(ge=0)},
     "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint": {
         "save_top_k": Range(int, ge=-1),

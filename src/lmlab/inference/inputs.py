@@ -1,5 +1,5 @@
-"""Line-oriented input and output for the command-line tools (``lmlab-predict``, ``lmlab-translate``):
-a UTF-8 file or stdin in, a file or stdout out."""
+"""The text a command reads (``lmlab-predict``, ``lmlab-translate``, ``lmlab-generate``, ``lmlab-chat``): a UTF-8
+file or stdin, whole or line by line. Where a command writes is :mod:`lmlab.run.safe_output`'s."""
 
 from __future__ import annotations
 

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lmlab import registry
+from lmlab.config.signatures import Signature, accepted_keys, locate, signature
 from lmlab.errors import ConfigError
-from lmlab.signatures import Signature, accepted_keys, locate, signature
 
 if TYPE_CHECKING:
     from hydra._internal.config_repository import ConfigRepository
@@ -31,11 +32,11 @@ _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 def config_dir() -> str:
     """The ``conf/`` tree: packaged inside a wheel, or at the repository root for a clone."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parents[1] / "conf"):
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "conf", package.parents[1] / "conf"):
         if (candidate / "train.yaml").is_file():
             return str(candidate)
-    raise ConfigError(f"lmlab's config tree was not found next to {here}; reinstall the package.")
+    raise ConfigError(f"lmlab's config tree was not found next to {package}; reinstall the package.")
 
 
 @dataclass
@@ -68,11 +69,11 @@ def validate_config(cfg: DictConfig, schema: type | None = TrainSchema, before_i
 
     ``before_imports``: check what can be checked without importing the config's targets (the entry points do
     this first, before torch and Lightning load): every target whose signature was recorded by an earlier run
-    (:mod:`lmlab.signatures`), but not which task a model or data option belongs to. Otherwise every check runs
+    (:mod:`lmlab.config.signatures`), but not which task a model or data option belongs to. Otherwise every check runs
     on the targets themselves, and their signatures are recorded for the next run.
     """
-    from lmlab import signatures
-    from lmlab.values import check_top_level
+    from lmlab.config import signatures
+    from lmlab.config.values import check_top_level
 
     if schema is not None:
         try:
@@ -256,9 +257,9 @@ def check_targets(node: Any, path: str = "", signature_of: Callable[[str], Signa
         try:
             found = signature_of(target_name)
         except ImportError:
-            raise ConfigError(
-                f"'{path}._target_' names '{target_name}', which cannot be imported. Check its spelling."
-            ) from None
+            moved = registry.current(target_name)
+            fix = f"It has moved: write '{moved}'." if moved != target_name else "Check its spelling."
+            raise ConfigError(f"'{path}._target_' names '{target_name}', which cannot be imported. {fix}") from None
         if found is not None:
             _check_node(node, keys, path, target_name, found)
     for key in keys:
@@ -270,7 +271,7 @@ def check_targets(node: Any, path: str = "", signature_of: Callable[[str], Signa
 
 
 def _check_node(node: DictConfig, keys: list[str], path: str, target_name: str, found: Signature) -> None:
-    from lmlab.values import check_target_values
+    from lmlab.config.values import check_target_values
 
     if found.accepted is not None:
         for key in keys:

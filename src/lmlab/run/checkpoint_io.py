@@ -3,7 +3,7 @@
 Lightning's default writer streams a checkpoint through a temporary file in ``$TMPDIR`` and moves it
 into place; across filesystems the move is a copy, so a kill during it leaves a truncated
 ``last.ckpt`` (and the temporary file, hundreds of MB, behind). Here a checkpoint is written to a
-temporary file beside its destination, flushed to disk and renamed over it (:func:`lmlab.safe_output.atomic_file`):
+temporary file beside its destination, flushed to disk and renamed over it (:func:`lmlab.run.safe_output.atomic_file`):
 a reader sees the old file or the new one, never a part. Temporary files of a process that was killed are
 removed by the next run (:func:`remove_stale_temporaries`). A disk that fills during a save ends the run with
 one line that names the last complete checkpoint to resume from.
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lmlab.safe_output import TMP_SUFFIX, atomic_file, left_by_a_dead_process
+from lmlab.run.safe_output import TMP_SUFFIX, atomic_file, left_by_a_dead_process
 
 log = logging.getLogger("lmlab")
 

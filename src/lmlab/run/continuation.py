@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lmlab import registry
 from lmlab.errors import ConfigError
 
 log = logging.getLogger("lmlab")
@@ -151,7 +152,8 @@ def _refuse_changes_to_what_was_trained(folder: Path, compose: Any, merged: list
         head = key.split(".", 1)[0].split("/", 1)[0]
         names = FIXED_BY_THE_RUN[1:] if head == "experiment" else (key if "." in key else head,)
         for name in names:
-            before, after = _plain(trained, name), _plain(now, name)
+            # the run's config names the targets as they were named when it started
+            before, after = registry.with_current_targets(_plain(trained, name)), _plain(now, name)
             if before != after:
                 raise ConfigError(
                     f"{key}: the run in {folder} was trained with {name}={_short(before)}; continuing it with "

@@ -4,6 +4,10 @@ another, whole or with LoRA adapters (``model=from_checkpoint model.ckpt_path=..
 The new run reads the checkpoint's tokenizer (``tokenizer=from_checkpoint``, checked by its fingerprint) and a
 context no longer than the network's. With LoRA the checkpoint's weights stay frozen and the new run's
 checkpoints hold the adapters only (:mod:`lmlab.models.lora`): loading one reads ``ckpt_path`` again.
+
+The network (:class:`CheckpointLM`) and the tokenizer (:func:`checkpoint_tokenizer`) read a checkpoint
+(:mod:`lmlab.run.checkpoint`), so they live here rather than in :mod:`lmlab.models` and :mod:`lmlab.tokenizers`,
+which import nothing above them.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import torch
 from torch import nn
 
 from lmlab.errors import ConfigError
+from lmlab.inference.language_model import LanguageModel
 from lmlab.models.base import LanguageModelNetwork, State
 from lmlab.models.lora import leaves_base_out, merged, with_lora
 from lmlab.registry import register
+from lmlab.run.checkpoint import load_language_model, read_checkpoint
+from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 
 @register("network")
@@ -35,9 +42,6 @@ class CheckpointLM(LanguageModelNetwork):
         lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        from lmlab.checkpoint import load_language_model
-        from lmlab.language_model import LanguageModel
-
         model, _ = load_language_model(ckpt_path)
         if not isinstance(model, LanguageModel):
             raise ConfigError(f"model.ckpt_path: '{ckpt_path}' is not a language model checkpoint.")
@@ -78,3 +82,12 @@ def set_dropout(net: nn.Module, p: float) -> None:
             module.p = p
         elif isinstance(getattr(module, "dropout", None), float):
             module.dropout = p
+
+
+@register("tokenizer")
+def checkpoint_tokenizer(ckpt_path: str) -> Tokenizer:
+    """The tokenizer of an lmlab checkpoint (``tokenizer=from_checkpoint``), to train on with the ids it gives."""
+    state = read_checkpoint(ckpt_path).get("lmlab", {}).get("tokenizer")
+    if not state:
+        raise ConfigError(f"tokenizer.ckpt_path: '{ckpt_path}' holds no tokenizer.")
+    return tokenizer_from_state(state)

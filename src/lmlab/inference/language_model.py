@@ -3,7 +3,7 @@ text from them.
 
 The language-model task (:class:`lmlab.tasks.lm.LanguageModelingTask`, a LightningModule) samples through
 :class:`LanguageModel`, and ``lmlab-generate`` loads the task's checkpoints straight into one
-(:func:`lmlab.checkpoint.load_language_model`): importing Lightning takes seconds, sampling a few tokens does
+(:func:`lmlab.run.checkpoint.load_language_model`): importing Lightning takes seconds, sampling a few tokens does
 not. What loading a checkpoint must know about the task without importing it is declared here, beside it.
 """
 
@@ -18,10 +18,10 @@ from torch import nn
 
 from lmlab.data.info import LMDataInfo
 from lmlab.errors import TokenizerError
-from lmlab.generation import generate
+from lmlab.inference.generation import generate
 from lmlab.models.lora import load_adapted, weights_source
 from lmlab.registry import register_name
-from lmlab.runtime import build_network
+from lmlab.run.runtime import build_network
 from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 log = logging.getLogger("lmlab")

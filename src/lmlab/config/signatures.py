@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lmlab.values import Range, TypeSpec, ranges_of, type_specs, typed_keywords
+from lmlab.config.values import Range, TypeSpec, ranges_of, type_specs, typed_keywords
 
 
 @dataclass(frozen=True)
@@ -174,9 +174,9 @@ def _records() -> dict[str, Any]:
 
 def _version() -> list[Any]:
     """Records hold for this Python and this copy of lmlab's own code (whose declarations they include)."""
-    here = Path(__file__).resolve().parent
-    newest = max((p.stat().st_mtime_ns for p in here.rglob("*.py")), default=0)
-    return [list(sys.version_info[:2]), str(here), newest]
+    package = Path(__file__).resolve().parents[1]
+    newest = max((p.stat().st_mtime_ns for p in package.rglob("*.py")), default=0)
+    return [list(sys.version_info[:2]), str(package), newest]
 
 
 def _source_files(target: Any) -> dict[str, int]:

@@ -3,8 +3,8 @@
 Importing them takes seconds on an idle machine and most of a minute on a busy one; a mistake found only
 afterwards (``optimizer.lr=abc``, a missing data file or checkpoint) would keep the user waiting that long. This
 module imports neither: the config's keys and values are checked against the signatures earlier runs recorded
-(:mod:`lmlab.signatures`), every file the config names must exist, and every destination must be one the
-command may write (:mod:`lmlab.safe_output`). The entry point then checks everything
+(:mod:`lmlab.config.signatures`), every file the config names must exist, and every destination must be one the
+command may write (:mod:`lmlab.run.safe_output`). The entry point then checks everything
 again once the targets are imported.
 """
 
@@ -15,11 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.config import validate_config
+from lmlab.config.schema import validate_config
 from lmlab.data.files import resolve_files
 from lmlab.errors import ConfigError
-from lmlab.safe_output import check_folder, check_output
-from lmlab.textio import input_file
+from lmlab.inference.inputs import input_file
+from lmlab.run.safe_output import check_folder, check_output
 
 #: the data keys that name files to read (``data.source.train_files=corpus/*.txt``)
 _DATA_FILE_KEYS = ("train_files", "val_files", "test_files")

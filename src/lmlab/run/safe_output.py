@@ -18,7 +18,6 @@ folders; this module imports nothing heavy, so it can check destinations before 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -28,16 +27,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TextIO, cast
 
-from lmlab.errors import ConfigError, DiskFullError
+from lmlab.errors import RUN_AGAIN, ConfigError, is_disk_full, no_space_left
 
 #: the file in a folder lmlab wrote that names the command and the files it wrote
 MARKER = ".lmlab-output"
 #: a temporary being written; a folder's earlier version moved aside while the new one is swapped in
 TMP_SUFFIX, ASIDE_SUFFIX = ".tmp", ".old"
-#: the errors of a full disk and of an exhausted quota
-_FULL = (errno.ENOSPC, errno.EDQUOT)
-#: what to do after a full disk when nothing was written
-RUN_AGAIN = "nothing was written: free space and run it again."
 
 
 # -- temporaries ---------------------------------------------------------------------------------------------
@@ -91,32 +86,6 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-# -- a full disk ---------------------------------------------------------------------------------------------
-def is_disk_full(err: BaseException) -> bool:
-    """Whether ``err`` is a full disk or an exhausted quota: itself, or an error it was raised from or while
-    handling (torch's writer reports a full disk as a RuntimeError raised while handling the OSError; writers in
-    Rust, such as safetensors' and tokenizers', only in their message)."""
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if (isinstance(cause, OSError) and cause.errno in _FULL) or any(f"(os error {n})" in str(cause) for n in _FULL):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-def no_space_left(path: Path, advice: str = RUN_AGAIN) -> DiskFullError:
-    """The one line that says a full disk stopped the writing of ``path``, where, and ``advice``."""
-    where = Path(os.path.abspath(path))
-    return DiskFullError(f"no space left on {mount_point(where)} while writing {where}; {advice}")
-
-
-def mount_point(path: Path) -> Path:
-    """The mount point of the file system the absolute ``path`` is (or would be) on: what a user frees space on."""
-    return next(p for p in (path, *path.parents) if p.exists() and os.path.ismount(p))
 
 
 # -- files -----------------------------------------------------------------------------------------------------

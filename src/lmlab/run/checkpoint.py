@@ -6,7 +6,8 @@ configs that loading builds from (the task, the network, the data and tokenizer 
 name an object on :mod:`lmlab.registry`'s allow-list before anything is built. Interpolations
 (``${...}``) there are refused too: stored configs are resolved, and a resolver call could only be
 an attempt to reach the environment or run code. The rest of the stored run config (callbacks,
-loggers, optimizer) is kept as inert data and never built from a checkpoint.
+loggers, optimizer) is kept as inert data and never built from a checkpoint. A target that lmlab has moved since
+the checkpoint was written is read where it is now (:data:`lmlab.registry.RENAMED`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmlab import language_model, registry
-from lmlab.config import accepted_keys, locate
+from lmlab import registry
+from lmlab.config.prechecks import checkpoint_file
+from lmlab.config.signatures import accepted_keys, locate
 from lmlab.errors import CheckpointError, CheckpointMismatchError, ConfigError, UnsafeCheckpointError
-from lmlab.language_model import LanguageModel
+from lmlab.inference import language_model
+from lmlab.inference.language_model import LanguageModel
 from lmlab.models.lora import load_adapted, weights_source
-from lmlab.prechecks import checkpoint_file
-from lmlab.registry import register
-from lmlab.tokenizers import Tokenizer, tokenizer_from_state
 
 if TYPE_CHECKING:
     from lmlab.tasks.base import TaskModule
@@ -60,8 +60,21 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise _unreadable(path, err) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("lmlab"), dict):
         raise CheckpointMismatchError(f"'{path}' is not an lmlab checkpoint (it has no 'lmlab' section).")
+    _name_current_targets(ckpt)
     verify_checkpoint(ckpt, path)
     return ckpt
+
+
+def _name_current_targets(ckpt: dict[str, Any]) -> None:
+    """Name each target that the checkpoint's configs (and its task) give where it is now, when lmlab has moved it
+    since the checkpoint was written (:data:`lmlab.registry.RENAMED`)."""
+    if "hyper_parameters" in ckpt:
+        ckpt["hyper_parameters"] = registry.with_current_targets(ckpt["hyper_parameters"])
+    extras = ckpt["lmlab"]
+    if isinstance(extras.get("task"), str):
+        extras["task"] = registry.current(extras["task"])
+    if "config" in extras:
+        extras["config"] = registry.with_current_targets(extras["config"])
 
 
 def _is_pickle_stream(path: Path) -> bool:
@@ -248,12 +261,3 @@ def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
         else:
             averaged[key] = value
     return {**last, "state_dict": averaged}
-
-
-@register("tokenizer")
-def checkpoint_tokenizer(ckpt_path: str) -> Tokenizer:
-    """The tokenizer of an lmlab checkpoint (``tokenizer=from_checkpoint``), to train on with the ids it gives."""
-    state = read_checkpoint(ckpt_path).get("lmlab", {}).get("tokenizer")
-    if not state:
-        raise ConfigError(f"tokenizer.ckpt_path: '{ckpt_path}' holds no tokenizer.")
-    return tokenizer_from_state(state)

@@ -233,7 +233,7 @@ class GenerateSamples(L.Callback):
 
 class InterruptCheckpoint(L.Callback):
     """Saves ``interrupted.ckpt`` when training stops early: on a stop signal (Ctrl-C, SIGTERM, SLURM's
-    requeue signal; see :mod:`lmlab.preemption`) or an error, during training or during a validation
+    requeue signal; see :mod:`lmlab.run.preemption`) or an error, during training or during a validation
     inside training, so nothing is lost.
 
     The state saved is that of the last finished step; a validation that was cut short runs again after
@@ -259,7 +259,7 @@ class InterruptCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         from lmlab.errors import DiskFullError, NonFiniteLossError
-        from lmlab.preemption import StopRequested
+        from lmlab.run.preemption import StopRequested
 
         if (
             isinstance(exception, NonFiniteLossError | DiskFullError | KeyboardInterrupt | StopRequested)

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import wandb as wandb_logger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from lmlab.runtime import to_plain
+from lmlab.run.runtime import to_plain
 
 #: top-level config keys no logger gets: Hydra's own settings and this machine's folders
 LEFT_OUT = ("hydra", "paths")
@@ -216,8 +216,8 @@ def continued_loggers(cfg: DictConfig, continue_from_step: int | None) -> list[L
     """The run's loggers (``cfg.logger``); those that can continue a run's history do so from
     ``continue_from_step`` (the step of the checkpoint a run continues from in its own folder; ``None``: a new
     run)."""
-    from lmlab.runtime import instantiate
-    from lmlab.signatures import locate
+    from lmlab.config.signatures import locate
+    from lmlab.run.runtime import instantiate
 
     loggers = []
     for node in (cfg.get("logger") or {}).values():
