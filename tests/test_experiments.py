@@ -31,6 +31,7 @@ from conftest import (
     Command,
     offline_data,
     script,
+    spread_rows,
     toy_chat_lm_folder,
     toy_seq2seq_folder,
 )
@@ -61,11 +62,8 @@ def shared_slice(option: str, rows: int, splits: list[str] | None = None) -> Cal
         folder, names = HUB_COPIES[option]
         for name in splits or names:
             table = pq.read_table(SHARED_DATA / folder / f"{name}.parquet")
-            step = max(len(table) // rows, 1)
             (cwd / "data" / folder).mkdir(parents=True, exist_ok=True)
-            pq.write_table(
-                table.take(list(range(0, len(table), step))[:rows]), cwd / "data" / folder / f"{name}.parquet"
-            )
+            pq.write_table(spread_rows(table, rows), cwd / "data" / folder / f"{name}.parquet")
         return offline_data(option, cwd / "data", splits)
 
     return write
